@@ -1,0 +1,288 @@
+"""S3 tuner layers: a wrapped module plus its gated candidates (LoRA slices, BitFit, LNFit, low-rank adapter)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+from torch.func import functional_call
+from transformers.activations import ACT2FN
+from transformers.pytorch_utils import Conv1D
+
+from .config import S3SearchConfig
+from .gates import GateBank
+from .search_space import Candidate, adapter_width, is_linear, linear_features
+
+
+class S3Layer(BaseTunerLayer):
+    """Common state of every S3 layer: per adapter, the candidate parameters and where their gates live.
+
+    `s3_gate_span[adapter]` is the (start, stop) range of this module's candidates in the adapter's gate vector, and
+    `s3_kind_offsets[adapter]` maps each kind to its (start, stop) inside that range. In fixed-structure mode the bank
+    is None and every candidate is simply on.
+    """
+
+    adapter_layer_names = ("s3_lora_A", "s3_lora_B", "s3_bias", "s3_scale", "s3_adapter_down", "s3_adapter_up")
+    other_param_names = ("s3_scaling", "s3_gate_span", "s3_kind_offsets")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        self.base_layer = base_layer
+        for name in self.adapter_layer_names:
+            setattr(self, name, nn.ParameterDict())
+        self.s3_lora_dropout = nn.ModuleDict()
+        self.s3_scaling: dict[str, float] = {}
+        self.s3_gate_span: dict[str, tuple[int, int]] = {}
+        self.s3_kind_offsets: dict[str, dict[str, tuple[int, int]]] = {}
+        self.s3_activation: dict[str, str] = {}
+        self.s3_banks: dict[str, Optional[GateBank]] = {}
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        candidates: list[Candidate],
+        gate_start: int,
+        bank: Optional[GateBank],
+        config: S3SearchConfig,
+    ) -> None:
+        """Create the parameters of `candidates` (all on this module, contiguous in the gate vector)."""
+        base = self.get_base_layer()
+        weight = getattr(base, "weight", None)
+        factory = {"device": weight.device if weight is not None else None, "dtype": torch.float32}
+        offsets: dict[str, tuple[int, int]] = {}
+        for index, candidate in enumerate(candidates):
+            start, _ = offsets.get(candidate.kind, (index, index))
+            offsets[candidate.kind] = (start, index + 1)
+        self.s3_kind_offsets[adapter_name] = offsets
+        self.s3_gate_span[adapter_name] = (gate_start, gate_start + len(candidates))
+        self.s3_banks[adapter_name] = bank
+
+        if "lora" in offsets:
+            rank = offsets["lora"][1] - offsets["lora"][0]
+            in_features, out_features = linear_features(base)
+            lora_a = torch.empty(rank, in_features, **factory)
+            nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
+            self.s3_lora_A[adapter_name] = nn.Parameter(lora_a)
+            self.s3_lora_B[adapter_name] = nn.Parameter(self._delta_init(config, out_features, rank, **factory))
+            self.s3_scaling[adapter_name] = config.lora_alpha / config.max_rank
+            self.s3_lora_dropout[adapter_name] = (
+                nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+            )
+        if "bitfit" in offsets:
+            width = linear_features(base)[1] if is_linear(base) else base.weight.shape[0]
+            self.s3_bias[adapter_name] = nn.Parameter(self._delta_init(config, width, **factory))
+        if "lnfit" in offsets:
+            self.s3_scale[adapter_name] = nn.Parameter(self._delta_init(config, base.weight.shape[0], **factory))
+        if "adapter" in offsets:
+            width = adapter_width(base)
+            down = torch.empty(config.adapter_rank, width, **factory)
+            nn.init.kaiming_uniform_(down, a=math.sqrt(5))
+            self.s3_adapter_down[adapter_name] = nn.Parameter(down)
+            up = self._delta_init(config, width, config.adapter_rank, **factory)
+            self.s3_adapter_up[adapter_name] = nn.Parameter(up)
+            self.s3_activation[adapter_name] = config.adapter_activation
+        self.set_adapter(self.active_adapters)
+
+    @staticmethod
+    def _delta_init(config: S3SearchConfig, *shape: int, **factory: Any) -> torch.Tensor:
+        # Zero makes every candidate start as the identity, as LoRA's zero B does; random is for tests that must see
+        # each delta act on the output.
+        if config.init_weights:
+            return torch.zeros(*shape, **factory)
+        return torch.randn(*shape, **factory) * 0.1
+
+    def _gates(self, adapter_name: str) -> Optional[torch.Tensor]:
+        bank = self.s3_banks[adapter_name]
+        if bank is None:
+            return None
+        if bank.values is None:
+            raise RuntimeError(
+                "S3 gate values are missing: call the model through its PeftModel/S3Model wrapper (which refreshes "
+                "the gates before each forward pass), not a submodule on its own."
+            )
+        start, stop = self.s3_gate_span[adapter_name]
+        return bank.values[start:stop]
+
+    def _gate(self, gates: Optional[torch.Tensor], adapter_name: str, kind: str) -> Optional[torch.Tensor]:
+        if gates is None:
+            return None
+        start, stop = self.s3_kind_offsets[adapter_name][kind]
+        return gates[start:stop]
+
+    def _active(self) -> list[str]:
+        return [name for name in self.active_adapters if name in self.s3_kind_offsets]
+
+    def _add_output_deltas(self, result: torch.Tensor, x: Optional[torch.Tensor]) -> torch.Tensor:
+        """result + the gated LoRA (needs the input x), BitFit and adapter deltas of every active adapter."""
+        out_dtype = result.dtype
+        for name in self._active():
+            gates = self._gates(name)
+            if name in self.s3_lora_A:
+                lora_a = self.s3_lora_A[name]
+                hidden = F.linear(self.s3_lora_dropout[name](x.to(lora_a.dtype)), lora_a)
+                lora_gate = self._gate(gates, name, "lora")
+                if lora_gate is not None:
+                    hidden = hidden * lora_gate
+                result = result + (F.linear(hidden, self.s3_lora_B[name]) * self.s3_scaling[name]).to(out_dtype)
+            if name in self.s3_bias:
+                bias = self.s3_bias[name]
+                bias_gate = self._gate(gates, name, "bitfit")
+                result = result + (bias if bias_gate is None else bias * bias_gate).to(out_dtype)
+            if name in self.s3_adapter_down:
+                activation = ACT2FN[self.s3_activation[name]]
+                down = self.s3_adapter_down[name]
+                hidden = activation(F.linear(result.to(down.dtype), down))
+                delta = F.linear(hidden, self.s3_adapter_up[name])
+                adapter_gate = self._gate(gates, name, "adapter")
+                result = result + (delta if adapter_gate is None else delta * adapter_gate).to(out_dtype)
+        return result
+
+    def _check_mergeable(self, adapter_names: list[str]) -> None:
+        for name in adapter_names:
+            if self.s3_banks[name] is not None:
+                raise ValueError(
+                    f"Adapter '{name}' is a structure search with soft gates and cannot be merged: resolve it with "
+                    "`peft_s3.resolve(...)` and retrain the fixed structure, then merge."
+                )
+            if name in self.s3_adapter_down:
+                raise ValueError(
+                    f"Adapter '{name}' has a low-rank adapter on {type(self.get_base_layer()).__name__}, which is "
+                    "non-linear and cannot be merged into the base weights."
+                )
+            if name in self.s3_bias and getattr(self.get_base_layer(), "bias", None) is None:
+                raise ValueError(
+                    f"Adapter '{name}' has a BitFit bias on a bias-free {type(self.get_base_layer()).__name__}; "
+                    "there is no base bias to merge it into."
+                )
+
+    def _merged_parameter_deltas(self, name: str) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        self._check_mergeable(adapter_names)
+        base = self.get_base_layer()
+        for name in adapter_names:
+            for param_name, delta in self._merged_parameter_deltas(name).items():
+                param = getattr(base, param_name)
+                merged = param.data + delta.to(param.dtype)
+                if safe_merge and not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs or infs detected in the merged weights of adapter '{name}'.")
+                param.data = merged
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            for param_name, delta in self._merged_parameter_deltas(name).items():
+                param = getattr(base, param_name)
+                param.data -= delta.to(param.dtype)
+
+    def _run_unmerged(self) -> bool:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return False
+        return not self.merged
+
+
+class S3Linear(nn.Module, S3Layer):
+    """nn.Linear (or GPT-2 Conv1D) with gated LoRA rank-1 slices, a BitFit bias delta and an output adapter."""
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        super().__init__()
+        S3Layer.__init__(self, base_layer)
+        self.update_layer(**kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if not self._run_unmerged():
+            return result
+        return self._add_output_deltas(result, x)
+
+    def _merged_parameter_deltas(self, name: str) -> dict[str, torch.Tensor]:
+        deltas = {}
+        if name in self.s3_lora_A:
+            weight = (self.s3_lora_B[name] @ self.s3_lora_A[name]) * self.s3_scaling[name]
+            deltas["weight"] = weight.T if isinstance(self.get_base_layer(), Conv1D) else weight
+        if name in self.s3_bias:
+            deltas["bias"] = self.s3_bias[name]
+        return {key: value.detach() for key, value in deltas.items()}
+
+    def __repr__(self) -> str:
+        return "s3." + super().__repr__()
+
+
+class S3Norm(nn.Module, S3Layer):
+    """A LayerNorm/RMSNorm-like module with a gated LNFit scale delta and a gated BitFit bias delta."""
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        super().__init__()
+        S3Layer.__init__(self, base_layer)
+        self.update_layer(**kwargs)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self._run_unmerged():
+            return self.base_layer(x, *args, **kwargs)
+        base = self.base_layer
+        weight = base.weight
+        for name in self._active():
+            if name in self.s3_scale:
+                scale = self.s3_scale[name]
+                gate = self._gate(self._gates(name), name, "lnfit")
+                weight = weight + (scale if gate is None else scale * gate).to(weight.dtype)
+        # Running the norm's own forward with a shifted scale works for every norm flavour (LayerNorm, RMSNorm,
+        # T5LayerNorm, Gemma's 1 + weight) without re-implementing their normalisation.
+        result = base(x, *args, **kwargs) if weight is base.weight else functional_call(base, {"weight": weight}, x)
+        return self._add_output_deltas(result, None)
+
+    def _merged_parameter_deltas(self, name: str) -> dict[str, torch.Tensor]:
+        deltas = {}
+        if name in self.s3_scale:
+            deltas["weight"] = self.s3_scale[name]
+        if name in self.s3_bias:
+            deltas["bias"] = self.s3_bias[name]
+        return {key: value.detach() for key, value in deltas.items()}
+
+    def __repr__(self) -> str:
+        return "s3." + super().__repr__()
+
+
+class S3Block(nn.Module, S3Layer):
+    """Any module (an attention or feed-forward block, say) with a gated low-rank adapter on its output.
+
+    Modules returning a tuple or list get the adapter on their first element, the hidden states, as transformers'
+    attention blocks return (hidden_states, attention_weights, ...).
+    """
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        super().__init__()
+        S3Layer.__init__(self, base_layer)
+        self.update_layer(**kwargs)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        output = self.base_layer(*args, **kwargs)
+        if not self._run_unmerged():
+            return output
+        if isinstance(output, torch.Tensor):
+            return self._add_output_deltas(output, None)
+        if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+            return type(output)([self._add_output_deltas(output[0], None), *output[1:]])
+        raise TypeError(
+            f"S3 adapter on {type(self.base_layer).__name__}: its output is a {type(output).__name__}, but an "
+            "adapter needs a tensor or a tuple whose first element is the hidden states tensor."
+        )
+
+    def _merged_parameter_deltas(self, name: str) -> dict[str, torch.Tensor]:
+        return {}
+
+    def __repr__(self) -> str:
+        return "s3." + super().__repr__()

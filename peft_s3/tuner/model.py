@@ -1,0 +1,253 @@
+"""The S3 tuner: injects gated candidates into a model and keeps their gates in step with the budget."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from itertools import groupby
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from .config import S3SearchConfig
+from .gates import GateBank
+from .layer import S3Block, S3Layer, S3Linear, S3Norm
+from .search_space import Candidate, build_fixed_structure, build_search_space, is_linear, is_norm, signature
+
+
+class S3Model(BaseTuner):
+    """
+    Sparse Structure Search (S3PET) over a mixture of LoRA, BitFit, LNFit and low-rank adapter candidates.
+
+    Every candidate is behind a binary-concrete gate with a structural parameter alpha (in `s3_alpha`); the shifted
+    global sigmoid keeps the expected number of trainable parameters at the budget. With a fixed `structure` in the
+    config, only those candidates exist and their gates are open.
+
+    Example:
+
+        ```py
+        >>> import peft, peft_s3
+        >>> model = peft.get_peft_model(base_model, peft_s3.S3SearchConfig(budget=1e-4))
+        >>> model.print_trainable_parameters()
+        >>> model.base_model.gate_report()[:3]
+        ```
+    """
+
+    prefix: str = "s3_"
+    tuner_layer_cls = S3Layer
+    target_module_mapping: dict[str, list[str]] = {}
+    uses_shared_state = True
+
+    def inject_adapter(
+        self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True, **kwargs: Any
+    ) -> None:
+        self._plan_adapter(model, adapter_name)
+        super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, **kwargs)
+        if getattr(self, "_s3_hook", None) is None:
+            # A hook on the wrapped model (not S3Model.forward) also covers generate(), which calls it directly.
+            self._s3_hook = model.register_forward_pre_hook(self._refresh_gates)
+
+    def _plan_adapter(self, model: nn.Module, adapter_name: str) -> None:
+        """Decide the candidates of `adapter_name`, validate them and create its structural parameters."""
+        if "s3_alpha" not in self._modules:
+            self.s3_alpha = nn.ParameterDict()
+            self._s3_candidates: dict[str, list[Candidate]] = {}
+            self._s3_banks: dict[str, Optional[GateBank]] = {}
+            self._s3_module_plans: dict[str, dict[str, tuple[list[Candidate], int]]] = {}
+            self.backbone_num_params = sum(p.numel() for p in model.parameters())
+        config: S3SearchConfig = self.peft_config[adapter_name]
+        candidates = build_search_space(model, config) if config.is_search else build_fixed_structure(model, config)
+        if not candidates:
+            raise ValueError(
+                f"No S3 candidates found in {type(model).__name__} for candidate_kinds={config.candidate_kinds}: no "
+                "transformer block stack (a ModuleList of identical blocks with linear layers) was detected and no "
+                "`target_modules` / `norm_modules` / `adapter_modules` were given. Name the modules to search over."
+            )
+        _check_not_nested(candidates)
+        digest = signature(candidates)
+        if config.search_space_signature is not None and config.search_space_signature != digest:
+            raise ValueError(
+                f"This S3 checkpoint was created on a search space with signature {config.search_space_signature} "
+                f"(count:digest), but on this {type(model).__name__} the same config yields {digest}. The "
+                "checkpoint belongs to another architecture or model size; load it into the model it was made on."
+            )
+        config.search_space_signature = digest
+
+        bank = None
+        if config.is_search:
+            sizes = torch.tensor([c.num_params for c in candidates], dtype=torch.float32)
+            budget = self._check_budget(config, sizes)
+            device = next(model.parameters()).device
+            alpha = torch.full((len(candidates),), config.alpha_init, device=device)
+            self.s3_alpha[adapter_name] = nn.Parameter(alpha)
+            bank = GateBank(self.s3_alpha, adapter_name, sizes, budget, config.tau, config.beta, config.hard_gates)
+        self._s3_candidates[adapter_name] = candidates
+        self._s3_banks[adapter_name] = bank
+        plan = {}
+        start = 0
+        for module, group in groupby(candidates, key=lambda c: c.module):
+            group = list(group)
+            plan[module] = (group, start)
+            start += len(group)
+        self._s3_module_plans[adapter_name] = plan
+        self._s3_injecting = adapter_name
+
+    def _check_budget(self, config: S3SearchConfig, sizes: torch.Tensor) -> int:
+        budget = config.absolute_budget(self.backbone_num_params)
+        space = int(sizes.sum().item())
+        smallest = int(sizes.min().item())
+        if budget < smallest:
+            raise ValueError(
+                f"budget={config.budget!r} allows {budget} trainable parameters, fewer than the smallest candidate "
+                f"({smallest}), so no structure fits. Allowed: at least {smallest} and below the search space "
+                f"size {space} (backbone: {self.backbone_num_params} parameters)."
+            )
+        if budget >= space:
+            raise ValueError(
+                f"budget={config.budget!r} allows {budget} trainable parameters, but the whole search space has only "
+                f"{space} in {len(sizes)} candidates, so there is nothing to search. Use a budget below {space} "
+                f"(a fraction below {space / self.backbone_num_params:.3g} of the backbone), or enlarge the space "
+                "(max_rank, candidate_kinds, target_modules)."
+            )
+        return budget
+
+    def _prepare_adapter_config(self, peft_config: S3SearchConfig, model_config: dict) -> S3SearchConfig:
+        return peft_config
+
+    def _check_target_module_exists(self, peft_config: S3SearchConfig, key: str) -> bool:
+        return key in self._s3_module_plans[self._s3_injecting]
+
+    def _create_and_replace(
+        self,
+        peft_config: S3SearchConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        candidates, gate_start = self._s3_module_plans[adapter_name][current_key]
+        layer_kwargs = {
+            "adapter_name": adapter_name,
+            "candidates": candidates,
+            "gate_start": gate_start,
+            "bank": self._s3_banks[adapter_name],
+            "config": peft_config,
+        }
+        if isinstance(target, S3Layer):
+            target.update_layer(**layer_kwargs)
+            return
+        if is_linear(target):
+            new_module = S3Linear(target, **layer_kwargs)
+        elif is_norm(target):
+            new_module = S3Norm(target, **layer_kwargs)
+        else:
+            new_module = S3Block(target, **layer_kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        setattr(parent, child_name, new_module)
+        if hasattr(child, "base_layer"):
+            child = child.base_layer
+        if not hasattr(new_module, "base_layer"):
+            new_module.weight = child.weight
+            if hasattr(child, "bias"):
+                new_module.bias = child.bias
+        if getattr(child, "state", None) is not None:
+            new_module.state = child.state
+
+    def _refresh_gates(self, module: nn.Module, args: Any) -> None:
+        for name in self.active_adapters:
+            bank = self._s3_banks.get(name)
+            if bank is not None:
+                bank.refresh(training=module.training)
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        if getattr(self, "_s3_hook", None) is not None:
+            self._s3_hook.remove()
+            self._s3_hook = None
+        return model
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self.s3_alpha.pop(adapter_name, None)
+        for registry in (self._s3_candidates, self._s3_banks, self._s3_module_plans):
+            registry.pop(adapter_name, None)
+
+    # ------------------------------------------------------------------ inspection API used by trainer and resolver
+
+    def _adapter(self, adapter_name: Optional[str]) -> str:
+        name = adapter_name or self.active_adapters[0]
+        if name not in self._s3_candidates:
+            raise ValueError(f"Unknown S3 adapter {name!r}; this model has {sorted(self._s3_candidates)}.")
+        return name
+
+    def candidates(self, adapter_name: Optional[str] = None) -> list[Candidate]:
+        """The candidates of an adapter, in gate order."""
+        return list(self._s3_candidates[self._adapter(adapter_name)])
+
+    def gate_bank(self, adapter_name: Optional[str] = None) -> Optional[GateBank]:
+        """The gates of a search adapter (None in fixed-structure mode)."""
+        return self._s3_banks[self._adapter(adapter_name)]
+
+    def budget(self, adapter_name: Optional[str] = None) -> Optional[int]:
+        """The absolute trainable-parameter budget of a search adapter."""
+        bank = self.gate_bank(adapter_name)
+        return None if bank is None else bank.budget
+
+    def gate_probabilities(self, adapter_name: Optional[str] = None) -> torch.Tensor:
+        """Current p_i of every candidate (ones in fixed-structure mode), detached."""
+        bank = self.gate_bank(adapter_name)
+        if bank is None:
+            return torch.ones(len(self.candidates(adapter_name)))
+        with torch.no_grad():
+            return bank.probabilities().detach().float().cpu()
+
+    def gate_report(self, adapter_name: Optional[str] = None) -> list[dict[str, Any]]:
+        """One row per candidate: name, kind, module, stack, layer, position, num_params, alpha and p."""
+        name = self._adapter(adapter_name)
+        probabilities = self.gate_probabilities(name).tolist()
+        alphas = self.s3_alpha[name].detach().float().cpu().tolist() if name in self.s3_alpha else None
+        return [
+            {
+                "name": candidate.name,
+                "kind": candidate.kind,
+                "module": candidate.module,
+                "stack": candidate.stack,
+                "layer": candidate.layer,
+                "position": candidate.position,
+                "num_params": candidate.num_params,
+                "alpha": None if alphas is None else alphas[index],
+                "p": probabilities[index],
+            }
+            for index, candidate in enumerate(self._s3_candidates[name])
+        ]
+
+    @contextlib.contextmanager
+    def frozen_gate_noise(self) -> Iterator[None]:
+        """Within the block, every forward pass reuses one binary-concrete noise sample (one bi-level step)."""
+        banks = [bank for bank in self._s3_banks.values() if bank is not None]
+        for bank in banks:
+            bank.noise = None
+            bank.noise_frozen = True
+        try:
+            yield
+        finally:
+            for bank in banks:
+                bank.noise_frozen = False
+
+
+def _check_not_nested(candidates: list[Candidate]) -> None:
+    modules = sorted({c.module for c in candidates})
+    for outer, inner in zip(modules, modules[1:], strict=False):
+        if inner.startswith(f"{outer}."):
+            raise ValueError(
+                f"Candidates on both {outer!r} and its submodule {inner!r}: an S3 module cannot wrap another. Put the "
+                "adapter on a module that does not contain other targets (see adapter_modules / exclude_modules)."
+            )

@@ -1,0 +1,259 @@
+"""Finds the candidate positions of a model: the paper's "Mix" space, detected from the module structure."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .config import S3SearchConfig
+
+_ATTENTION_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One gated parameter-efficient module: `kind` on the module `module`, with `num_params` trainable parameters."""
+
+    module: str
+    kind: str
+    slot: int
+    num_params: int
+    stack: str | None
+    layer: int | None
+    position: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.module}:{self.kind}[{self.slot}]" if self.kind == "lora" else f"{self.module}:{self.kind}"
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of an nn.Linear or a GPT-2 style Conv1D (whose weight is stored transposed)."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm, RMSNorm and look-alikes (T5LayerNorm, LlamaRMSNorm, ...), recognised by structure.
+
+    A normalisation layer here is a leaf module with a 1-d learnable scale `weight` and an epsilon attribute, whose
+    class is a torch norm or is named like one. Batch/group norms are left out: they are not transformer norms.
+    """
+    if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+        return module.weight is not None
+    name = type(module).__name__.lower()
+    if "norm" not in name or "batch" in name or "group" in name or next(module.children(), None) is not None:
+        return False
+    weight = getattr(module, "weight", None)
+    has_eps = any(hasattr(module, attr) for attr in ("eps", "variance_epsilon", "epsilon"))
+    return isinstance(weight, nn.Parameter) and weight.dim() == 1 and has_eps
+
+
+def matches(patterns: str | Sequence[str] | None, key: str) -> bool:
+    """peft's target-module convention: a regex string fully matches the name; a list matches exactly or by suffix."""
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, key) is not None
+    return any(key == pattern or key.endswith(f".{pattern}") for pattern in patterns)
+
+
+def find_blocks(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """Map of transformer-block paths to (stack path, layer index).
+
+    A stack is a ModuleList of modules of one class containing linear layers (BERT `encoder.layer`, T5
+    `encoder.block` and `decoder.block`, GPT-2 `h`, Llama `layers`); stacks nested inside a block are not stacks.
+    """
+    blocks: dict[str, tuple[str, int]] = {}
+    for path, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if any(path.startswith(f"{block}.") for block in blocks):
+            continue
+        if len({type(child) for child in module}) != 1:
+            continue
+        if not any(is_linear(sub) for sub in module[0].modules()):
+            continue
+        for index in range(len(module)):
+            blocks[f"{path}.{index}" if path else str(index)] = (path, index)
+    return blocks
+
+
+def _enclosing_block(path: str, blocks: dict[str, tuple[str, int]]) -> str | None:
+    parts = path.split(".")
+    for end in range(len(parts) - 1, 0, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in blocks:
+            return prefix
+    return None
+
+
+def _default_adapter_positions(model: nn.Module, blocks: dict[str, tuple[str, int]]) -> set[str]:
+    """The output projection of each attention and each feed-forward sub-block, found by structure.
+
+    Within a block, every linear layer under the outermost module whose class is named like an attention belongs to
+    that attention; the last one registered is its output projection. The last linear layer outside any attention is
+    the feed-forward output (BERT `output.dense`, T5 `wo`, GPT-2 `mlp.c_proj`, Llama `down_proj`).
+    """
+    modules = dict(model.named_modules())
+    last_in_group: dict[tuple[str, str | None], str] = {}
+    for path, module in modules.items():
+        block = _enclosing_block(path, blocks)
+        if block is None or not is_linear(module):
+            continue
+        relative = path[len(block) + 1 :].split(".")
+        attention = None
+        for end in range(1, len(relative)):
+            prefix = f"{block}." + ".".join(relative[:end])
+            if _ATTENTION_CLASS.search(type(modules[prefix]).__name__):
+                attention = prefix
+                break
+        last_in_group[(block, attention)] = path
+    return set(last_in_group.values())
+
+
+def _kinds_for(
+    path: str, module: nn.Module, config: S3SearchConfig, in_blocks: bool, adapter_positions: set[str]
+) -> list[tuple[str, int]]:
+    """(kind, parameter count) of every candidate this module carries; LoRA appears once per rank slot."""
+    kinds = set(config.candidate_kinds)
+    found: list[tuple[str, int]] = []
+    if is_linear(module):
+        in_features, out_features = linear_features(module)
+        targeted = matches(config.target_modules, path) if config.target_modules is not None else in_blocks
+        if targeted and "lora" in kinds:
+            found += [("lora", in_features + out_features)] * config.max_rank
+        if targeted and "bitfit" in kinds:
+            found.append(("bitfit", out_features))
+    elif is_norm(module):
+        width = module.weight.shape[0]
+        targeted = matches(config.norm_modules, path) if config.norm_modules is not None else in_blocks
+        if targeted and "lnfit" in kinds:
+            found.append(("lnfit", width))
+        if targeted and "bitfit" in kinds:
+            found.append(("bitfit", width))
+    if "adapter" in kinds and path in adapter_positions:
+        found.append(("adapter", 2 * adapter_width(module) * config.adapter_rank))
+    return found
+
+
+def adapter_width(module: nn.Module) -> int:
+    """Hidden size of a module's output: its own out_features, or that of the last linear layer inside it."""
+    linears = [sub for sub in module.modules() if is_linear(sub)]
+    if not linears:
+        raise ValueError(
+            f"Cannot put an adapter on {type(module).__name__}: its output width is unknown because it contains no "
+            "linear layer. Point `adapter_modules` at a linear layer or at a block that ends in one."
+        )
+    return linear_features(linears[-1])[1]
+
+
+def build_search_space(model: nn.Module, config: S3SearchConfig, check_patterns: bool = True) -> list[Candidate]:
+    """All candidates of `config` on `model`, in module order, each module's candidates contiguous.
+
+    With `check_patterns`, a `target_modules`, `norm_modules` or `adapter_modules` that matches nothing is an error.
+    """
+    blocks = find_blocks(model)
+    excluded = _excluded(model, config)
+    named = [(path, module) for path, module in model.named_modules() if path and path not in excluded]
+    if config.adapter_modules is None:
+        adapter_positions = _default_adapter_positions(model, blocks)
+    else:
+        adapter_positions = {path for path, _ in named if matches(config.adapter_modules, path)}
+    if check_patterns:
+        _check_patterns_match(config, named)
+
+    candidates = []
+    for path, module in named:
+        block = _enclosing_block(path, blocks)
+        stack, layer = blocks[block] if block is not None else (None, None)
+        position = path[len(block) + 1 :] if block is not None else path
+        kinds = _kinds_for(path, module, config, block is not None, adapter_positions)
+        slots: dict[str, int] = {}
+        for kind, num_params in kinds:
+            slot = slots.get(kind, 0)
+            slots[kind] = slot + 1
+            candidates.append(Candidate(path, kind, slot, num_params, stack, layer, position))
+    return candidates
+
+
+def build_fixed_structure(model: nn.Module, config: S3SearchConfig) -> list[Candidate]:
+    """The candidates listed in `config.structure`, validated against the model."""
+    full = S3SearchConfig(
+        budget=1,
+        candidate_kinds=sorted({kind for kinds in config.structure.values() for kind in kinds}),
+        target_modules=list(config.structure),
+        norm_modules=list(config.structure),
+        adapter_modules=[path for path, kinds in config.structure.items() if "adapter" in kinds],
+        max_rank=max([kinds.get("lora", 1) for kinds in config.structure.values()] + [1]),
+        adapter_rank=config.adapter_rank,
+    )
+    modules = dict(model.named_modules())
+    missing = [path for path in config.structure if path not in modules]
+    if missing:
+        raise ValueError(
+            f"The structure names modules that this model does not have: {missing[:5]}"
+            f"{' ...' if len(missing) > 5 else ''}. Was it searched on another architecture?"
+        )
+    available = build_search_space(model, full, check_patterns=False)
+    chosen = []
+    for candidate in available:
+        wanted = config.structure.get(candidate.module, {})
+        if candidate.kind in wanted and candidate.slot < wanted[candidate.kind]:
+            chosen.append(candidate)
+    offered = {(c.module, c.kind) for c in available}
+    impossible = [
+        f"{path}:{kind}" for path, kinds in config.structure.items() for kind in kinds if (path, kind) not in offered
+    ]
+    if impossible:
+        raise ValueError(
+            f"The structure asks for candidates these modules cannot carry: {impossible[:5]}. LoRA needs a linear "
+            "layer, LNFit a norm layer, BitFit either."
+        )
+    return chosen
+
+
+def _excluded(model: nn.Module, config: S3SearchConfig) -> set[str]:
+    excluded = set()
+    for path, _ in model.named_modules():
+        in_saved = any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in config.modules_to_save or [])
+        if in_saved or matches(config.exclude_modules, path):
+            excluded.add(path)
+    return excluded
+
+
+def _check_patterns_match(config: S3SearchConfig, named: Iterable[tuple[str, nn.Module]]) -> None:
+    named = list(named)
+    checks = (
+        ("target_modules", config.target_modules, is_linear, "linear"),
+        ("norm_modules", config.norm_modules, is_norm, "normalisation"),
+        ("adapter_modules", config.adapter_modules, lambda module: True, "any"),
+    )
+    for field_name, patterns, accepts, what in checks:
+        if patterns is None:
+            continue
+        if any(accepts(module) and matches(patterns, path) for path, module in named):
+            continue
+        examples = sorted({path.rsplit(".", 1)[-1] for path, module in named if accepts(module)})[:12]
+        raise ValueError(
+            f"{field_name}={patterns!r} matches no {what} module of this model. Names of {what} modules here "
+            f"include: {examples}."
+        )
+
+
+def signature(candidates: Sequence[Candidate]) -> str:
+    """Digest of the candidate list; equal digests mean alphas can be loaded one-to-one."""
+    digest = hashlib.sha256()
+    for candidate in candidates:
+        digest.update(f"{candidate.name}={candidate.num_params};".encode())
+    return f"{len(candidates)}:{digest.hexdigest()[:16]}"
