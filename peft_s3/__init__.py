@@ -5,10 +5,40 @@ Importing the package registers the method with peft, after which `peft.get_peft
 """
 
 from ._registration import register
+from .plotting import plot_structure, structure_matrix
+from .structure import (
+    SearchedStructure,
+    apply_structure,
+    load_gate_report,
+    push_to_hub_with_structure,
+    resolve,
+    save_gate_report,
+    save_pretrained_with_structure,
+)
+from .trainer import S3SearchCallback, S3SearchTrainer
 from .tuner import CANDIDATE_KINDS, LORA_SPACE, MIX_SPACE, Candidate, S3Model, S3SearchConfig
 
 register()
 
 __version__ = "0.1.0"
 
-__all__ = ["CANDIDATE_KINDS", "LORA_SPACE", "MIX_SPACE", "Candidate", "S3Model", "S3SearchConfig", "__version__"]
+__all__ = [
+    "CANDIDATE_KINDS",
+    "LORA_SPACE",
+    "MIX_SPACE",
+    "Candidate",
+    "S3Model",
+    "S3SearchCallback",
+    "S3SearchConfig",
+    "S3SearchTrainer",
+    "SearchedStructure",
+    "__version__",
+    "apply_structure",
+    "load_gate_report",
+    "plot_structure",
+    "push_to_hub_with_structure",
+    "resolve",
+    "save_gate_report",
+    "save_pretrained_with_structure",
+    "structure_matrix",
+]

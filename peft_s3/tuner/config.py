@@ -162,6 +162,8 @@ class S3SearchConfig(PeftConfig):
                 "Pass either `budget` (search mode) or `structure` (fixed-structure mode), not both: "
                 f"got budget={self.budget!r} and a structure of {len(self.structure)} modules."
             )
+        else:
+            self._validate_structure()
         for name in ("max_rank", "adapter_rank"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -193,6 +195,32 @@ class S3SearchConfig(PeftConfig):
                 f"budget={budget!r} is not allowed: a budget >= 1 is an absolute parameter count and must be whole; "
                 "a fraction of the backbone must be < 1."
             )
+
+    def _validate_structure(self) -> None:
+        if not isinstance(self.structure, dict) or not self.structure:
+            raise ValueError(
+                f"structure={self.structure!r} is not allowed: fixed-structure mode needs a non-empty dict "
+                "{module name: {kind: count}}."
+            )
+        for module, kinds in self.structure.items():
+            if not isinstance(kinds, dict) or not kinds:
+                raise ValueError(
+                    f"structure[{module!r}]={kinds!r} is not allowed: give a non-empty dict {{kind: count}} with "
+                    f"kinds from {list(CANDIDATE_KINDS)}."
+                )
+            for kind, count in kinds.items():
+                if kind not in CANDIDATE_KINDS:
+                    raise ValueError(
+                        f"structure[{module!r}] asks for kind {kind!r}, which is unknown; choose from "
+                        f"{list(CANDIDATE_KINDS)}."
+                    )
+                # Only LoRA has a count (its rank); every other kind is a single candidate per module.
+                valid = count >= 1 if kind == "lora" else count == 1
+                if isinstance(count, bool) or not isinstance(count, int) or not valid:
+                    allowed = "an int >= 1 (the LoRA rank)" if kind == "lora" else "1"
+                    raise ValueError(
+                        f"structure[{module!r}][{kind!r}]={count!r} is not allowed: the count must be {allowed}."
+                    )
 
     @property
     def is_search(self) -> bool:

@@ -12,8 +12,6 @@ import torch
 
 _GRID_POINTS = 16
 _GRID_ROUNDS = 4
-# exp(700) is finite in float64.
-_EXP_LIMIT = 700.0
 # Keeps the logit of p finite for the binary-concrete sample when the sigmoid saturates in float32.
 _PROB_EPS = 1e-7
 
@@ -28,21 +26,17 @@ def solve_zeta(alpha: torch.Tensor, sizes: torch.Tensor, budget: float, tau: flo
     """
     scaled = alpha.detach().double() / tau
     sizes = sizes.double()
-    top = scaled.max()
-    # sigmoid(a - t) = 1 / (1 + exp(t - top) * exp(top - a)): one exp per candidate up front, then each grid point
-    # costs a multiply and a reciprocal. Clamped exponents keep both factors finite and positive, so a product
-    # overflows to inf (gate 0) or underflows to 0 (gate 1), never to nan.
-    candidate_factor = torch.exp((top - scaled).clamp(max=_EXP_LIMIT))
     total = sizes.sum()
     # Below `low` every gate is ~1 (expected size ~total >= budget); above `high` the expected size is
     # <= total * exp(-(high - max alpha) / tau) <= budget.
     low = scaled.min() - 50.0
-    high = top + torch.log(total / budget) + 5.0
+    high = scaled.max() + torch.log(total / budget) + 5.0
     steps = torch.linspace(0.0, 1.0, _GRID_POINTS, dtype=scaled.dtype, device=scaled.device)
 
     def expected_size(shift: torch.Tensor) -> torch.Tensor:
-        shift_factor = torch.exp((shift - top).clamp(-_EXP_LIMIT, _EXP_LIMIT))
-        return torch.reciprocal(1.0 + shift_factor[..., None] * candidate_factor) @ sizes
+        # A sigmoid per (shift, candidate) pair stays exact however far apart the alphas are; factoring out one
+        # exponential per candidate would need clamped exponents, which collapse alphas spread wider than ~700 tau.
+        return torch.sigmoid(scaled - shift[..., None]) @ sizes
 
     for _ in range(_GRID_ROUNDS):
         grid = low + (high - low) * steps
@@ -71,7 +65,8 @@ def binary_concrete(p: torch.Tensor, noise: torch.Tensor, beta: float, hard: boo
     soft = torch.sigmoid(logits / beta)
     if not hard:
         return soft
-    return (soft > 0.5).to(soft.dtype) + soft - soft.detach()
+    # soft - soft.detach() is exactly 0, so the forward value stays exactly 0 or 1 (hard + soft - soft would round).
+    return (soft > 0.5).to(soft.dtype) + (soft - soft.detach())
 
 
 def gate_entropy(p: torch.Tensor) -> torch.Tensor:

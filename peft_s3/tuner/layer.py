@@ -144,6 +144,8 @@ class S3Layer(BaseTunerLayer):
 
     def _check_mergeable(self, adapter_names: list[str]) -> None:
         for name in adapter_names:
+            if name not in self.s3_banks:
+                continue
             if self.s3_banks[name] is not None:
                 raise ValueError(
                     f"Adapter '{name}' is a structure search with soft gates and cannot be merged: resolve it with "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Iterator
 from itertools import groupby
 from typing import Any, Optional
@@ -10,6 +11,7 @@ from typing import Any, Optional
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .config import S3SearchConfig
 from .gates import GateBank
@@ -45,9 +47,22 @@ class S3Model(BaseTuner):
     ) -> None:
         self._plan_adapter(model, adapter_name)
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, **kwargs)
-        if getattr(self, "_s3_hook", None) is None:
-            # A hook on the wrapped model (not S3Model.forward) also covers generate(), which calls it directly.
-            self._s3_hook = model.register_forward_pre_hook(self._refresh_gates)
+        if not getattr(self, "_s3_hooks", None):
+            self._s3_hooks = self._register_gate_hooks(model)
+
+    def _register_gate_hooks(self, model: nn.Module) -> list[RemovableHandle]:
+        """Refresh the gates once per forward pass of the wrapped model, and before the encoder runs on its own."""
+        self._s3_in_forward = False
+        # Hooks on the wrapped model (not S3Model.forward) also cover generate(), which calls it directly.
+        hooks = [
+            model.register_forward_pre_hook(self._enter_forward),
+            model.register_forward_hook(self._exit_forward, always_call=True),
+        ]
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            # generate() of an encoder-decoder runs the encoder before the first full forward pass; without its own
+            # refresh it would find no gates, or stale ones from the last training step.
+            hooks.append(model.get_encoder().register_forward_pre_hook(self._refresh_outside_forward))
+        return hooks
 
     def _plan_adapter(self, model: nn.Module, adapter_name: str) -> None:
         """Decide the candidates of `adapter_name`, validate them and create its structural parameters."""
@@ -57,7 +72,10 @@ class S3Model(BaseTuner):
             self._s3_banks: dict[str, Optional[GateBank]] = {}
             self._s3_module_plans: dict[str, dict[str, tuple[list[Candidate], int]]] = {}
             self.backbone_num_params = sum(p.numel() for p in model.parameters())
-        config: S3SearchConfig = self.peft_config[adapter_name]
+        # The signature written below must describe this model only: on the caller's config object it would make
+        # reusing that config for another model fail as if it were a checkpoint of the first one.
+        config: S3SearchConfig = copy.copy(self.peft_config[adapter_name])
+        self.peft_config[adapter_name] = config
         candidates = build_search_space(model, config) if config.is_search else build_fixed_structure(model, config)
         if not candidates:
             raise ValueError(
@@ -81,7 +99,8 @@ class S3Model(BaseTuner):
             budget = self._check_budget(config, sizes)
             device = next(model.parameters()).device
             alpha = torch.full((len(candidates),), config.alpha_init, device=device)
-            self.s3_alpha[adapter_name] = nn.Parameter(alpha)
+            # peft freezes inference-mode adapters inside the wrapped model only; alpha lives on the tuner itself.
+            self.s3_alpha[adapter_name] = nn.Parameter(alpha, requires_grad=not config.inference_mode)
             bank = GateBank(self.s3_alpha, adapter_name, sizes, budget, config.tau, config.beta, config.hard_gates)
         self._s3_candidates[adapter_name] = candidates
         self._s3_banks[adapter_name] = bank
@@ -161,22 +180,68 @@ class S3Model(BaseTuner):
         if getattr(child, "state", None) is not None:
             new_module.state = child.state
 
-    def _refresh_gates(self, module: nn.Module, args: Any) -> None:
+    def _refresh_gates(self, training: bool) -> None:
         for name in self.active_adapters:
             bank = self._s3_banks.get(name)
             if bank is not None:
-                bank.refresh(training=module.training)
+                bank.refresh(training=training)
 
-    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
-        model = super()._unload_and_optionally_merge(*args, **kwargs)
-        if getattr(self, "_s3_hook", None) is not None:
-            self._s3_hook.remove()
-            self._s3_hook = None
+    def _enter_forward(self, module: nn.Module, args: Any) -> None:
+        self._s3_in_forward = True
+        self._refresh_gates(module.training)
+
+    def _exit_forward(self, module: nn.Module, args: Any, output: Any) -> None:
+        self._s3_in_forward = False
+
+    def _refresh_outside_forward(self, module: nn.Module, args: Any) -> None:
+        if not self._s3_in_forward:
+            self._refresh_gates(module.training)
+
+    def _check_layers_mergeable(self, adapter_names: Optional[list[str]]) -> None:
+        # Checked on every layer up front: a layer refusing halfway through would leave the model partly merged.
+        names = adapter_names if adapter_names is not None else self.active_adapters
+        for path, module in self.model.named_modules():
+            if isinstance(module, S3Layer):
+                try:
+                    module._check_mergeable(names)
+                except ValueError as error:
+                    raise ValueError(f"Cannot merge {path}: {error}") from None
+
+    def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
+        self._check_layers_mergeable(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: Optional[list[str]] = None,
+    ) -> nn.Module:
+        if merge:
+            self._check_layers_mergeable(adapter_names)
+        model = super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+        for hook in getattr(self, "_s3_hooks", None) or []:
+            hook.remove()
+        self._s3_hooks = []
         return model
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+        self._train_active_alphas(inference_mode)
+
+    def _train_active_alphas(self, inference_mode: bool = False) -> None:
+        # As peft does for the candidate parameters in the layers: only the active adapters' alphas train.
+        for name, alpha in self.s3_alpha.items():
+            alpha.requires_grad_(name in self.active_adapters and not inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self.s3_alpha.pop(adapter_name, None)
+        if adapter_name in self.s3_alpha:
+            del self.s3_alpha[adapter_name]
+        self._train_active_alphas()
         for registry in (self._s3_candidates, self._s3_banks, self._s3_module_plans):
             registry.pop(adapter_name, None)
 

@@ -7,6 +7,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -68,6 +69,23 @@ def matches(patterns: str | Sequence[str] | None, key: str) -> bool:
     return any(key == pattern or key.endswith(f".{pattern}") for pattern in patterns)
 
 
+def named_base_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`model.named_modules()` with every peft tuner layer seen as the module it wraps, its internals hidden.
+
+    A second adapter added to an adapted model must be planned on the same structure as the first one was.
+    """
+    named = []
+    wrapped: tuple[str, ...] = ()
+    for path, module in model.named_modules():
+        if wrapped and path.startswith(wrapped):
+            continue
+        if isinstance(module, BaseTunerLayer):
+            wrapped += (f"{path}.",)
+            module = module.get_base_layer()
+        named.append((path, module))
+    return named
+
+
 def find_blocks(model: nn.Module) -> dict[str, tuple[str, int]]:
     """Map of transformer-block paths to (stack path, layer index).
 
@@ -75,7 +93,7 @@ def find_blocks(model: nn.Module) -> dict[str, tuple[str, int]]:
     `encoder.block` and `decoder.block`, GPT-2 `h`, Llama `layers`); stacks nested inside a block are not stacks.
     """
     blocks: dict[str, tuple[str, int]] = {}
-    for path, module in model.named_modules():
+    for path, module in named_base_modules(model):
         if not isinstance(module, nn.ModuleList) or len(module) == 0:
             continue
         if any(path.startswith(f"{block}.") for block in blocks):
@@ -105,7 +123,7 @@ def _default_adapter_positions(model: nn.Module, blocks: dict[str, tuple[str, in
     that attention; the last one registered is its output projection. The last linear layer outside any attention is
     the feed-forward output (BERT `output.dense`, T5 `wo`, GPT-2 `mlp.c_proj`, Llama `down_proj`).
     """
-    modules = dict(model.named_modules())
+    modules = dict(named_base_modules(model))
     last_in_group: dict[tuple[str, str | None], str] = {}
     for path, module in modules.items():
         block = _enclosing_block(path, blocks)
@@ -165,7 +183,7 @@ def build_search_space(model: nn.Module, config: S3SearchConfig, check_patterns:
     """
     blocks = find_blocks(model)
     excluded = _excluded(model, config)
-    named = [(path, module) for path, module in model.named_modules() if path and path not in excluded]
+    named = [(path, module) for path, module in named_base_modules(model) if path and path not in excluded]
     if config.adapter_modules is None:
         adapter_positions = _default_adapter_positions(model, blocks)
     else:
@@ -198,7 +216,7 @@ def build_fixed_structure(model: nn.Module, config: S3SearchConfig) -> list[Cand
         max_rank=max([kinds.get("lora", 1) for kinds in config.structure.values()] + [1]),
         adapter_rank=config.adapter_rank,
     )
-    modules = dict(model.named_modules())
+    modules = dict(named_base_modules(model))
     missing = [path for path in config.structure if path not in modules]
     if missing:
         raise ValueError(
@@ -225,7 +243,7 @@ def build_fixed_structure(model: nn.Module, config: S3SearchConfig) -> list[Cand
 
 def _excluded(model: nn.Module, config: S3SearchConfig) -> set[str]:
     excluded = set()
-    for path, _ in model.named_modules():
+    for path, _ in named_base_modules(model):
         in_saved = any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in config.modules_to_save or [])
         if in_saved or matches(config.exclude_modules, path):
             excluded.add(path)
@@ -235,9 +253,9 @@ def _excluded(model: nn.Module, config: S3SearchConfig) -> set[str]:
 def _check_patterns_match(config: S3SearchConfig, named: Iterable[tuple[str, nn.Module]]) -> None:
     named = list(named)
     checks = (
-        ("target_modules", config.target_modules, is_linear, "linear"),
-        ("norm_modules", config.norm_modules, is_norm, "normalisation"),
-        ("adapter_modules", config.adapter_modules, lambda module: True, "any"),
+        ("target_modules", config.target_modules, is_linear, "linear module"),
+        ("norm_modules", config.norm_modules, is_norm, "normalisation module"),
+        ("adapter_modules", config.adapter_modules, lambda module: True, "module"),
     )
     for field_name, patterns, accepts, what in checks:
         if patterns is None:
@@ -246,8 +264,7 @@ def _check_patterns_match(config: S3SearchConfig, named: Iterable[tuple[str, nn.
             continue
         examples = sorted({path.rsplit(".", 1)[-1] for path, module in named if accepts(module)})[:12]
         raise ValueError(
-            f"{field_name}={patterns!r} matches no {what} module of this model. Names of {what} modules here "
-            f"include: {examples}."
+            f"{field_name}={patterns!r} matches no {what} of this model. Names of {what}s here include: {examples}."
         )
 
 

@@ -1,0 +1,173 @@
+"""The text-classification recipe shared by the example script and the benchmarks: data, search, retrain, evaluate.
+
+Every method that is compared (S3 search + retrain, manual PEFT baselines, random structures, full fine-tuning) goes
+through `train_and_evaluate` with the same data, epochs and optimiser settings, so their scores are comparable.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+from torch import nn
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+    set_seed,
+)
+
+from .data import load_dataset_splits, tokenize_splits
+from .metrics import load_classification_metric
+from .structure import SearchedStructure, resolve
+from .trainer import S3SearchTrainer
+from .tuner.config import S3SearchConfig
+
+
+@dataclass
+class ClassificationTask:
+    """A tokenized data set with train / validation / test splits and the model it is tokenized for."""
+
+    model_path: str
+    dataset: str
+    tokenizer: PreTrainedTokenizerBase
+    splits: Any
+    label_names: list[str]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+@dataclass
+class TrainingRecipe:
+    """Optimiser settings shared by search, retraining and every baseline (paper appendix B.2: AdamW, linear decay)."""
+
+    epochs: float = 1.0
+    batch_size: int = 32
+    learning_rate: float = 3e-4
+    seed: int = 42
+    logging_steps: int = 20
+    bf16: bool = False
+    disable_tqdm: bool = False
+
+    def arguments(self, output_dir: str | Path, **overrides: Any) -> TrainingArguments:
+        settings = {
+            "output_dir": str(output_dir),
+            "num_train_epochs": self.epochs,
+            "per_device_train_batch_size": self.batch_size,
+            "per_device_eval_batch_size": 2 * self.batch_size,
+            "learning_rate": self.learning_rate,
+            "lr_scheduler_type": "linear",
+            "seed": self.seed,
+            "data_seed": self.seed,
+            "logging_steps": self.logging_steps,
+            "save_strategy": "no",
+            "eval_strategy": "no",
+            "report_to": [],
+            "bf16": self.bf16,
+            "disable_tqdm": self.disable_tqdm,
+            "dataloader_num_workers": 0,
+        }
+        settings.update(overrides)
+        return TrainingArguments(**settings)
+
+
+def load_classification_task(
+    dataset: str,
+    model_path: str,
+    seed: int = 42,
+    max_train: Optional[int] = None,
+    max_eval: Optional[int] = None,
+    max_length: int = 128,
+) -> ClassificationTask:
+    """Seeded splits of one of `peft_s3.data.AVAILABLE_DATASETS`, tokenized for the model at `model_path`."""
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    splits = load_dataset_splits(dataset, seed=seed, max_train=max_train, max_eval=max_eval)
+    label_names = list(splits["train"].features["label"].names)
+    return ClassificationTask(
+        model_path, dataset, tokenizer, tokenize_splits(splits, tokenizer, max_length), label_names
+    )
+
+
+def fresh_classifier(task: ClassificationTask, seed: int) -> PreTrainedModel:
+    """The pretrained backbone with a newly initialised classification head (seeded, so runs are repeatable)."""
+    set_seed(seed)
+    return AutoModelForSequenceClassification.from_pretrained(task.model_path, num_labels=task.num_labels)
+
+
+def _compute_metrics(metric: Any):
+    def compute(prediction) -> dict[str, float]:
+        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        return metric.compute(predictions=np.argmax(logits, axis=-1), references=prediction.label_ids)
+
+    return compute
+
+
+def count_trainable_parameters(model: nn.Module, exclude: tuple[str, ...] = ()) -> int:
+    """Trainable parameters whose names contain none of `exclude` (e.g. the classification head)."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not any(e in n for e in exclude))
+
+
+def search_structure(
+    task: ClassificationTask,
+    config: S3SearchConfig,
+    recipe: TrainingRecipe,
+    output_dir: str | Path,
+    alpha_learning_rate: float = 0.1,
+    bilevel: str = "first_order",
+    alpha_warmup_steps: int = 0,
+) -> tuple[nn.Module, SearchedStructure, dict[str, float]]:
+    """Run the S3 search on the training split (halved into D_delta and D_alpha) and resolve the structure."""
+    import peft
+
+    model = peft.get_peft_model(fresh_classifier(task, recipe.seed), config)
+    trainer = S3SearchTrainer(
+        model=model,
+        args=recipe.arguments(Path(output_dir) / "search"),
+        train_dataset=task.splits["train"],
+        data_collator=DataCollatorWithPadding(task.tokenizer),
+        alpha_learning_rate=alpha_learning_rate,
+        bilevel=bilevel,
+        alpha_warmup_steps=alpha_warmup_steps,
+    )
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    return model, resolve(model), {"search_seconds": seconds, "search_steps": trainer.state.global_step}
+
+
+def train_and_evaluate(
+    model: nn.Module, task: ClassificationTask, recipe: TrainingRecipe, output_dir: str | Path
+) -> dict[str, float]:
+    """Train `model` on the training split with `recipe`, then score the test split (accuracy and macro-F1).
+
+    The validation split is scored too, for model selection by callers; the test split only reports.
+    """
+    trainer = Trainer(
+        model=model,
+        args=recipe.arguments(Path(output_dir) / "train"),
+        train_dataset=task.splits["train"],
+        data_collator=DataCollatorWithPadding(task.tokenizer),
+        compute_metrics=_compute_metrics(load_classification_metric()),
+    )
+    started = time.perf_counter()
+    training = trainer.train()
+    seconds = time.perf_counter() - started
+    validation = trainer.evaluate(task.splits["validation"], metric_key_prefix="validation")
+    test = trainer.evaluate(task.splits["test"], metric_key_prefix="test")
+    return {
+        "train_seconds": seconds,
+        "validation_accuracy": validation["validation_accuracy"],
+        "validation_macro_f1": validation["validation_macro_f1"],
+        "test_accuracy": test["test_accuracy"],
+        "test_macro_f1": test["test_macro_f1"],
+        "train_loss": training.training_loss,
+    }

@@ -1,0 +1,632 @@
+"""From a structure search to a fixed structure: selection under the budget, export, retraining and sharing.
+
+After the search (paper, section 3.2, "Evaluation of the Searched Structure") the final structure is chosen
+deterministically from the gate probabilities p_i instead of being sampled, then re-initialised and retrained.
+`resolve` does the choosing, `SearchedStructure` holds the result and turns it into configs, and the hub helpers
+save or push a retrained adapter together with its structure and a model-card section.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import tempfile
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .tuner.config import CANDIDATE_KINDS, S3SearchConfig
+from .tuner.model import S3Model
+from .tuner.search_space import Candidate, is_linear, is_norm
+
+GATE_REPORT_FILE = "s3_gates.json"
+STRUCTURE_FILE = "s3_structure.json"
+MODEL_CARD_HEADING = "## S3 searched structure"
+_MODEL_CARD_END = "<!-- end of S3 searched structure -->"
+
+LORA_POLICIES = ("raise", "drop", "approximate")
+
+LORA_CONVERSION_LIMITS: dict[str, str] = {
+    "adapter": (
+        "a low-rank adapter on a module's output has no LoRA counterpart (LoRA is a linear weight delta, the adapter "
+        "a non-linear bottleneck on the output); 'approximate' drops it, as a LoRA stand-in would change both the "
+        "function and the parameter count"
+    ),
+    "bitfit_without_bias": (
+        "BitFit on a module without a bias (T5 and Llama linears, RMSNorm-style norms) adds a bias, but LoraConfig "
+        "can only make existing biases trainable; 'approximate' drops it"
+    ),
+    "bitfit_lora_only": (
+        "BitFit on a linear layer is expressible only as bias='lora_only', which trains the bias of every biased "
+        "LoRA target and of nothing else, so the BitFit linears must be exactly the biased LoRA targets (bias='all' "
+        "would also train every other bias of the model); 'approximate' uses bias='lora_only' or bias='none', "
+        "whichever trains fewer wrong bias parameters"
+    ),
+    "norm_whole": (
+        "LNFit and BitFit on a norm become modules_to_save, which trains the whole norm, scale and bias together, "
+        "so LNFit alone on a norm with a bias, or BitFit alone on a norm, trains extra parameters; 'approximate' "
+        "trains the whole norm"
+    ),
+}
+"""What `SearchedStructure.to_lora_config` cannot express exactly with `peft.LoraConfig`, keyed by reason.
+
+LoRA candidates always convert exactly (rank_pattern / alpha_pattern reproduce the search's scaling
+lora_alpha / max_rank). Everything else maps to LoraConfig's `bias` and `modules_to_save` only where those train
+exactly the same parameters; these entries are the cases where they do not.
+"""
+
+
+@dataclass(frozen=True)
+class ScoredCandidate(Candidate):
+    """A search-space candidate with its final gate probability `p` and whether the resolved structure keeps it."""
+
+    p: float
+    selected: bool
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """What LoraConfig conversion needs to know about a module of the structure."""
+
+    type: str
+    """One of linear, conv1d (GPT-2's transposed linear), norm, or other (a module that carries only an adapter)."""
+    bias_params: int
+    """Number of elements of the module's own bias, 0 when it has none."""
+
+
+@dataclass
+class LoraConversion:
+    """A structure expressed as a `peft.LoraConfig`, with an account of what the conversion changed."""
+
+    config: LoraConfig
+    num_trainable_params: int
+    """Parameters the LoraConfig trains in the adapted modules (LoRA, biases, norms), excluding the head's
+    modules_to_save; compare with `SearchedStructure.num_trainable_params`."""
+    approximated: dict[str, str] = field(default_factory=dict)
+    """Candidate name -> reason key of LORA_CONVERSION_LIMITS, for candidates trained together with extra
+    parameters."""
+    dropped: dict[str, str] = field(default_factory=dict)
+    """Candidate name -> reason key of LORA_CONVERSION_LIMITS, for candidates the LoraConfig does not train."""
+
+    @property
+    def exact(self) -> bool:
+        return not self.approximated and not self.dropped
+
+
+def _s3_model(model: nn.Module) -> S3Model:
+    if isinstance(model, S3Model):
+        return model
+    base = getattr(model, "base_model", None)
+    if isinstance(base, S3Model):
+        return base
+    wrapped = f" (wrapping {type(base).__name__})" if isinstance(model, PeftModel) else ""
+    raise ValueError(
+        f"Expected a PeftModel with an S3 adapter or an S3Model, got {type(model).__name__}{wrapped}. Create the "
+        "model with `peft.get_peft_model(base_model, peft_s3.S3SearchConfig(...))`."
+    )
+
+
+def _module_info(s3_model: S3Model, module_names: Iterable[str]) -> dict[str, dict[str, Any]]:
+    modules = dict(s3_model.model.named_modules())
+    info = {}
+    for name in module_names:
+        module = modules[name]
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        bias = getattr(base, "bias", None)
+        if is_linear(base):
+            kind = "conv1d" if isinstance(base, Conv1D) else "linear"
+        else:
+            kind = "norm" if is_norm(base) else "other"
+        info[name] = {"type": kind, "bias_params": bias.numel() if isinstance(bias, torch.Tensor) else 0}
+    return info
+
+
+def gate_report(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, Any]:
+    """The state of an S3 adapter's search as plain JSON data: what `save_gate_report` writes.
+
+    Keys: adapter_name, budget (absolute; None for a fixed structure), backbone_num_params, search_space_signature,
+    config (the adapter's config as a dict), modules (per candidate module: type and own bias size) and candidates
+    (the rows of `S3Model.gate_report`: name, kind, module, stack, layer, position, num_params, alpha, p).
+    """
+    s3_model = _s3_model(model)
+    name = adapter_name or s3_model.active_adapters[0]
+    rows = s3_model.gate_report(name)
+    config: S3SearchConfig = s3_model.peft_config[name]
+    report = {
+        "adapter_name": name,
+        "budget": s3_model.budget(name),
+        "backbone_num_params": s3_model.backbone_num_params,
+        "search_space_signature": config.search_space_signature,
+        "config": config.to_dict(),
+        "modules": _module_info(s3_model, dict.fromkeys(row["module"] for row in rows)),
+        "candidates": rows,
+    }
+    # A JSON round trip makes a report taken from a live model identical to one loaded from disk (plain str instead
+    # of peft's str enums), so resolving either gives equal structures.
+    return json.loads(json.dumps(report))
+
+
+def save_gate_report(model: nn.Module, directory: Union[str, Path], adapter_name: Optional[str] = None) -> Path:
+    """Write the adapter's `gate_report` to `directory/s3_gates.json` (creating the directory); returns the file."""
+    path = Path(directory) / GATE_REPORT_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(gate_report(model, adapter_name), indent=1))
+    return path
+
+
+def load_gate_report(path: Union[str, Path]) -> dict[str, Any]:
+    """Read a report written by `save_gate_report`: pass the directory or the s3_gates.json file itself."""
+    path = Path(path)
+    file = path / GATE_REPORT_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"No S3 gate report at {file}: expected a directory containing {GATE_REPORT_FILE}.")
+    report = json.loads(file.read_text())
+    missing = {"adapter_name", "budget", "backbone_num_params", "config", "modules", "candidates"} - set(report)
+    if missing:
+        raise ValueError(f"{file} is not an S3 gate report: it lacks the keys {sorted(missing)}.")
+    return report
+
+
+def _report_of(source: Any, adapter_name: Optional[str]) -> dict[str, Any]:
+    if isinstance(source, (str, Path)):
+        report = load_gate_report(source)
+    elif isinstance(source, dict):
+        report = source
+    else:
+        return gate_report(source, adapter_name)
+    if adapter_name is not None and adapter_name != report.get("adapter_name"):
+        raise ValueError(
+            f"adapter_name={adapter_name!r}, but this gate report belongs to adapter {report.get('adapter_name')!r}."
+        )
+    return report
+
+
+def _search_config(report: dict[str, Any]) -> S3SearchConfig:
+    names = {f.name for f in dataclasses.fields(S3SearchConfig) if f.init}
+    return S3SearchConfig(**{key: value for key, value in report["config"].items() if key in names})
+
+
+def _candidates_of(rows: list[dict[str, Any]]) -> list[Candidate]:
+    # Reports name LoRA slots only inside `name`; slots are numbered in gate order per module and kind, as the
+    # search space builds them.
+    slots: dict[tuple[str, str], int] = {}
+    candidates = []
+    for row in rows:
+        key = (row["module"], row["kind"])
+        slots[key] = slots.get(key, -1) + 1
+        candidates.append(
+            Candidate(
+                row["module"], row["kind"], slots[key], row["num_params"], row["stack"], row["layer"], row["position"]
+            )
+        )
+    return candidates
+
+
+def resolve(
+    model_or_checkpoint: Any,
+    budget: Optional[Union[int, float]] = None,
+    adapter_name: Optional[str] = None,
+) -> SearchedStructure:
+    """Choose the final structure of an S3 search: the candidates with the highest gate probabilities p that fit.
+
+    Candidates are taken by descending p (ties broken by descending alpha, which p = sigmoid((alpha - zeta) / tau)
+    can hide when it saturates in float32, then by candidate order) and kept while the running parameter count stays
+    within the budget; a candidate that does not fit is skipped and smaller ones further down may still fill the
+    budget. This is the greedy form of the paper's "positions with the highest sum of p_i within the budget". The
+    result is deterministic.
+
+    Args:
+        model_or_checkpoint: a PeftModel or S3Model with a search adapter, a directory (or file) holding the
+            s3_gates.json written by `save_gate_report`, or a report dict from `gate_report` / `load_gate_report`.
+        budget: overrides the search budget: an int >= 1 is an absolute parameter count, a float in (0, 1) a fraction
+            of the backbone's parameters. p depends on the budget only through a shared shift, so the ranking is
+            that of the search; only the cut-off moves.
+        adapter_name: the adapter to resolve (default: the active one).
+    """
+    report = _report_of(model_or_checkpoint, adapter_name)
+    config = _search_config(report)
+    if not config.is_search or report["budget"] is None:
+        raise ValueError(
+            f"Adapter {report.get('adapter_name')!r} has a fixed structure (S3SearchConfig.structure), not a search, "
+            "so there is nothing to resolve. Resolve the model or checkpoint of the search instead."
+        )
+    backbone = report["backbone_num_params"]
+    limit = (
+        report["budget"] if budget is None else dataclasses.replace(config, budget=budget).absolute_budget(backbone)
+    )
+    rows = report["candidates"]
+    candidates = _candidates_of(rows)
+    order = sorted(range(len(rows)), key=lambda i: (-rows[i]["p"], -rows[i]["alpha"], i))
+    chosen: set[int] = set()
+    total = 0
+    for index in order:
+        if total + candidates[index].num_params <= limit:
+            chosen.add(index)
+            total += candidates[index].num_params
+    if not chosen:
+        smallest = min(c.num_params for c in candidates)
+        raise ValueError(
+            f"budget={budget if budget is not None else report['budget']!r} allows {limit} trainable parameters, "
+            f"fewer than the smallest candidate ({smallest}): no structure fits. Use a budget >= {smallest}."
+        )
+    search_space = [
+        ScoredCandidate(**dataclasses.asdict(candidate), p=row["p"], selected=index in chosen)
+        for index, (candidate, row) in enumerate(zip(candidates, rows, strict=True))
+    ]
+    modules = {c.module for c in search_space if c.selected}
+    return SearchedStructure(
+        search_space=search_space,
+        budget=limit,
+        backbone_num_params=backbone,
+        lora_alpha=config.lora_alpha,
+        max_rank=config.max_rank,
+        lora_dropout=config.lora_dropout,
+        adapter_rank=config.adapter_rank,
+        adapter_activation=config.adapter_activation,
+        modules_to_save=None if config.modules_to_save is None else list(config.modules_to_save),
+        task_type=config.task_type,
+        base_model_name_or_path=config.base_model_name_or_path,
+        modules={name: ModuleInfo(**info) for name, info in report["modules"].items() if name in modules},
+        search_space_signature=report.get("search_space_signature"),
+    )
+
+
+@dataclass
+class SearchedStructure:
+    """The fixed structure chosen from an S3 search, with what is needed to rebuild and retrain it.
+
+    `search_space` lists every candidate of the search in gate order with its p and whether it was selected, so the
+    structure can be plotted and audited; `candidates` are the selected ones. Create it with `resolve`.
+    """
+
+    search_space: list[ScoredCandidate]
+    budget: int
+    backbone_num_params: int
+    lora_alpha: float
+    max_rank: int
+    lora_dropout: float
+    adapter_rank: int
+    adapter_activation: str
+    modules_to_save: Optional[list[str]] = None
+    task_type: Optional[str] = None
+    base_model_name_or_path: Optional[str] = None
+    modules: dict[str, ModuleInfo] = field(default_factory=dict)
+    search_space_signature: Optional[str] = None
+
+    @property
+    def candidates(self) -> list[ScoredCandidate]:
+        """The selected candidates, in gate order."""
+        return [candidate for candidate in self.search_space if candidate.selected]
+
+    @property
+    def num_trainable_params(self) -> int:
+        """Exact number of trainable parameters of the structure (without the head's modules_to_save)."""
+        return sum(candidate.num_params for candidate in self.candidates)
+
+    @property
+    def structure(self) -> dict[str, dict[str, int]]:
+        """{module: {kind: count}}, count being the LoRA rank for 'lora' and 1 otherwise (S3SearchConfig.structure)."""
+        structure: dict[str, dict[str, int]] = {}
+        for candidate in self.candidates:
+            kinds = structure.setdefault(candidate.module, {})
+            kinds[candidate.kind] = kinds.get(candidate.kind, 0) + 1
+        return structure
+
+    # ------------------------------------------------------------------------------------------- persistence
+
+    def save(self, path: Union[str, Path]) -> Path:
+        """Write the structure as JSON: to `path` if it ends in .json, else to `path/s3_structure.json`."""
+        file = _structure_file(path)
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_text(json.dumps(dataclasses.asdict(self), indent=1))
+        return file
+
+    @classmethod
+    def load(cls, path: Union[str, Path]) -> SearchedStructure:
+        """Read a structure written by `save` (a .json file, or a directory containing s3_structure.json)."""
+        file = _structure_file(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"No searched structure at {file}: expected {STRUCTURE_FILE} written by save().")
+        data = json.loads(file.read_text())
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
+        required -= {f.name for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
+        if set(data) - names or required - set(data):
+            raise ValueError(
+                f"{file} is not a searched structure: unexpected keys {sorted(set(data) - names)}, missing keys "
+                f"{sorted(required - set(data))}."
+            )
+        data["search_space"] = [ScoredCandidate(**row) for row in data["search_space"]]
+        data["modules"] = {name: ModuleInfo(**info) for name, info in data.get("modules", {}).items()}
+        return cls(**data)
+
+    # ------------------------------------------------------------------------------------------- display
+
+    def _summary(self) -> str:
+        share = 100 * self.num_trainable_params / self.backbone_num_params
+        return (
+            f"S3 searched structure: {len(self.candidates)} candidates, {self.num_trainable_params:,} trainable "
+            f"parameters ({share:.4g}% of {self.backbone_num_params:,} backbone parameters; budget {self.budget:,})"
+        )
+
+    def _rows(self) -> list[tuple[str, ...]]:
+        """One row per (module, kind): stack, layer, position, kind (with the LoRA rank), params, mean p."""
+        groups: dict[tuple[str, str], list[ScoredCandidate]] = {}
+        for candidate in self.candidates:
+            groups.setdefault((candidate.module, candidate.kind), []).append(candidate)
+        rows = []
+        for (_, kind), group in groups.items():
+            first = group[0]
+            rows.append(
+                (
+                    first.stack or "-",
+                    "-" if first.layer is None else str(first.layer),
+                    first.position,
+                    f"lora r={len(group)}" if kind == "lora" else kind,
+                    str(sum(c.num_params for c in group)),
+                    f"{sum(c.p for c in group) / len(group):.3f}",
+                )
+            )
+        return rows
+
+    def table(self) -> str:
+        """A plain-text table of the selected candidates, one row per module and kind, in model order."""
+        header = ("stack", "layer", "position", "kind", "params", "p")
+        rows = [header, *self._rows()]
+        widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+        lines = [
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows
+        ]
+        return "\n".join([self._summary(), *lines])
+
+    def __str__(self) -> str:
+        return self.table()
+
+    def to_markdown(self) -> str:
+        """The summary and table in Markdown, for model cards."""
+        lines = [self._summary(), "", "| stack | layer | position | kind | params | p |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| " + " | ".join(f"`{row[0]}`" if column == 0 else cell for column, cell in enumerate(row)) + " |"
+            for row in self._rows()
+        ]
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------------------------------- converters
+
+    def to_peft_config(self) -> S3SearchConfig:
+        """A fixed-structure S3SearchConfig that builds exactly these candidates, with the search's LoRA scaling."""
+        kinds = {candidate.kind for candidate in self.candidates}
+        return S3SearchConfig(
+            structure=self.structure,
+            candidate_kinds=[kind for kind in CANDIDATE_KINDS if kind in kinds],
+            lora_alpha=self.lora_alpha,
+            max_rank=self.max_rank,
+            lora_dropout=self.lora_dropout,
+            adapter_rank=self.adapter_rank,
+            adapter_activation=self.adapter_activation,
+            modules_to_save=None if self.modules_to_save is None else list(self.modules_to_save),
+            task_type=self.task_type,
+            base_model_name_or_path=self.base_model_name_or_path,
+        )
+
+    def lora_conversion(self, policy: str = "raise") -> LoraConversion:
+        """The structure as a `peft.LoraConfig`, with the trainable-parameter count and what had to change.
+
+        LoRA candidates become `target_modules` (full module names) with `rank_pattern` / `alpha_pattern` such that
+        every module's scaling is the search's lora_alpha / max_rank. BitFit on linear layers becomes
+        bias='lora_only' and LNFit / BitFit on norms become `modules_to_save` where that trains exactly the same
+        parameters. The cases where it cannot are listed in `LORA_CONVERSION_LIMITS`; `policy` decides what happens
+        to them:
+
+        - "raise": ValueError listing every candidate that is not expressible exactly.
+        - "drop": leave them out; the LoraConfig trains a subset of the structure, exactly.
+        - "approximate": train them with the closest LoraConfig option (whole norms via modules_to_save; for BitFit
+          on linears bias='lora_only' when that trains fewer wrong bias parameters than bias='none'); adapters and
+          BitFit on bias-free modules are still dropped. `num_trainable_params` reports the resulting count.
+        """
+        if policy not in LORA_POLICIES:
+            raise ValueError(f"policy={policy!r} is not allowed; choose one of {list(LORA_POLICIES)}.")
+        ranks = self.structure
+        lora_ranks = {module: kinds["lora"] for module, kinds in ranks.items() if "lora" in kinds}
+        if not lora_ranks:
+            raise ValueError(
+                "The structure has no LoRA candidate, and a LoraConfig needs at least one LoRA target. Retrain it "
+                "with `apply_structure` (an S3 fixed-structure adapter) instead."
+            )
+        issues: dict[str, str] = {}
+        approximable: set[str] = set()
+        norms_to_save: list[str] = []
+        norm_params = 0
+        bitfit_linears: dict[str, str] = {}
+        for candidate in self.candidates:
+            info = self.modules[candidate.module]
+            if candidate.kind == "adapter":
+                issues[candidate.name] = "adapter"
+            elif candidate.kind == "bitfit" and info.bias_params == 0:
+                issues[candidate.name] = "bitfit_without_bias"
+            elif candidate.kind == "bitfit" and info.type in ("linear", "conv1d"):
+                bitfit_linears[candidate.module] = candidate.name
+        for module in ranks:
+            info = self.modules[module]
+            if info.type != "norm":
+                continue
+            names = {c.kind: c.name for c in self.candidates if c.module == module and c.kind in ("lnfit", "bitfit")}
+            if info.bias_params == 0:
+                names.pop("bitfit", None)
+            if not names:
+                continue
+            exact = "lnfit" in names and ("bitfit" in names) == (info.bias_params > 0)
+            if not exact:
+                issues.update(dict.fromkeys(names.values(), "norm_whole"))
+                approximable.update(names.values())
+            if exact or policy == "approximate":
+                norms_to_save.append(module)
+                width = next(c.num_params for c in self.candidates if c.module == module and c.kind in names)
+                norm_params += width + info.bias_params
+
+        biased_targets = {module for module in lora_ranks if self.modules[module].bias_params > 0}
+        bias = "lora_only" if bitfit_linears and set(bitfit_linears) == biased_targets else "none"
+        if bitfit_linears and bias == "none":
+            issues.update(dict.fromkeys(bitfit_linears.values(), "bitfit_lora_only"))
+            if policy == "approximate":
+                # Parameters trained wrongly: with 'lora_only' the BitFit linears that are no LoRA target are missed
+                # and the LoRA targets without BitFit are trained; with 'none' every BitFit linear is missed.
+                mismatch = set(bitfit_linears) ^ biased_targets
+                if sum(self.modules[m].bias_params for m in mismatch) < sum(
+                    self.modules[m].bias_params for m in bitfit_linears
+                ):
+                    bias = "lora_only"
+                    approximable.update(bitfit_linears[m] for m in set(bitfit_linears) & biased_targets)
+
+        if issues and policy == "raise":
+            listed = "\n".join(f"- {name}: {LORA_CONVERSION_LIMITS[reason]}" for name, reason in issues.items())
+            raise ValueError(
+                f"{len(issues)} candidates of this structure cannot be expressed exactly as a LoraConfig:\n{listed}\n"
+                "Pass policy='drop' to leave them out or policy='approximate' for the closest LoraConfig, or retrain "
+                "the structure as it is with `apply_structure`."
+            )
+        num_params = sum(c.num_params for c in self.candidates if c.kind == "lora") + norm_params
+        if bias == "lora_only":
+            num_params += sum(self.modules[module].bias_params for module in biased_targets)
+        config = LoraConfig(
+            task_type=self.task_type,
+            base_model_name_or_path=self.base_model_name_or_path,
+            r=self.max_rank,
+            lora_alpha=self.lora_alpha,
+            lora_dropout=self.lora_dropout,
+            target_modules=list(lora_ranks),
+            fan_in_fan_out=all(self.modules[module].type == "conv1d" for module in lora_ranks),
+            # Pattern keys are regexes to peft; escaping makes each full module name match only itself.
+            rank_pattern={re.escape(m): r for m, r in lora_ranks.items() if r != self.max_rank},
+            alpha_pattern={
+                re.escape(m): self.lora_alpha * r / self.max_rank for m, r in lora_ranks.items() if r != self.max_rank
+            },
+            bias=bias,
+            modules_to_save=[*(self.modules_to_save or []), *norms_to_save] or None,
+        )
+        approximated = {
+            name: reason for name, reason in issues.items() if policy == "approximate" and name in approximable
+        }
+        dropped = {name: reason for name, reason in issues.items() if name not in approximated}
+        return LoraConversion(config, num_params, approximated, dropped)
+
+    def to_lora_config(self, policy: str = "raise") -> LoraConfig:
+        """`lora_conversion(policy).config`, warning about every candidate that was dropped or approximated."""
+        conversion = self.lora_conversion(policy)
+        if not conversion.exact:
+            warnings.warn(
+                f"The LoraConfig differs from the searched structure: dropped {sorted(conversion.dropped)}, "
+                f"approximated {sorted(conversion.approximated)} (reasons: peft_s3.structure.LORA_CONVERSION_LIMITS). "
+                f"It trains {conversion.num_trainable_params} parameters in the adapted modules where the structure "
+                f"has {self.num_trainable_params}.",
+                stacklevel=2,
+            )
+        return conversion.config
+
+
+def _structure_file(path: Union[str, Path]) -> Path:
+    path = Path(path)
+    return path if path.suffix == ".json" else path / STRUCTURE_FILE
+
+
+def apply_structure(base_model: nn.Module, structure: SearchedStructure, adapter_name: str = "default") -> PeftModel:
+    """A PeftModel with exactly `structure`'s candidates on `base_model`, freshly initialised and ready to retrain.
+
+    `base_model` may be another instance of the architecture the structure was searched on, e.g. to transfer a
+    structure found on one task to another. A model whose modules have other sizes gets the same positions with its
+    own parameter counts, and a warning.
+    """
+    model = get_peft_model(base_model, structure.to_peft_config(), adapter_name=adapter_name)
+    built = sum(candidate.num_params for candidate in model.base_model.candidates(adapter_name))
+    if built != structure.num_trainable_params:
+        warnings.warn(
+            f"The structure has {structure.num_trainable_params} trainable parameters on the model it was searched "
+            f"on, but {built} on this {type(base_model).__name__}: its modules have other sizes.",
+            stacklevel=2,
+        )
+    return model
+
+
+# ----------------------------------------------------------------------------------------------- hub
+
+
+def write_model_card(save_directory: Union[str, Path], structure: SearchedStructure) -> Path:
+    """Add (or replace) the "S3 searched structure" section of `save_directory/README.md`; returns the file."""
+    path = Path(save_directory) / "README.md"
+    section = "\n".join(
+        [
+            MODEL_CARD_HEADING,
+            "",
+            "The structure of this adapter was found by Sparse Structure Search for Parameter-Efficient Tuning "
+            "(S3PET) with `peft-s3`.",
+            "",
+            structure.to_markdown(),
+            "",
+            f"`{STRUCTURE_FILE}` holds it: `peft_s3.structure.SearchedStructure.load(path)` reads it and "
+            "`peft_s3.structure.apply_structure(base_model, structure)` builds it afresh for retraining.",
+            _MODEL_CARD_END,
+        ]
+    )
+    text = path.read_text(encoding="utf8") if path.exists() else ""
+    start = text.find(MODEL_CARD_HEADING)
+    if start == -1:
+        text = f"{text.rstrip()}\n\n{section}\n" if text.strip() else f"{section}\n"
+    else:
+        end = text.find(_MODEL_CARD_END, start)
+        if end == -1:
+            # A section edited by hand may have lost its end marker; it then ends at the next level-2 heading.
+            following = re.search(r"^## ", text[start + len(MODEL_CARD_HEADING) :], flags=re.MULTILINE)
+            end = len(text) if following is None else start + len(MODEL_CARD_HEADING) + following.start()
+        else:
+            end += len(_MODEL_CARD_END)
+        text = text[:start] + section + text[end:]
+    path.write_text(text, encoding="utf8")
+    return path
+
+
+def save_pretrained_with_structure(
+    peft_model: PeftModel, save_directory: Union[str, Path], structure: SearchedStructure, **kwargs: Any
+) -> None:
+    """`peft_model.save_pretrained(save_directory, **kwargs)`, plus s3_structure.json and the model-card section."""
+    peft_model.save_pretrained(str(save_directory), **kwargs)
+    structure.save(save_directory)
+    write_model_card(save_directory, structure)
+
+
+def push_to_hub_with_structure(
+    peft_model: PeftModel,
+    repo_id: str,
+    structure: SearchedStructure,
+    *,
+    api: Any = None,
+    private: Optional[bool] = None,
+    token: Optional[str] = None,
+    commit_message: str = "Upload S3 searched structure and adapter",
+    revision: Optional[str] = None,
+    **kwargs: Any,
+) -> Any:
+    """Save like `save_pretrained_with_structure` into a temporary folder and upload it to the Hub repo `repo_id`.
+
+    The repository is created if needed. `api` defaults to `huggingface_hub.HfApi(token=token)`; anything with the
+    same `create_repo` and `upload_folder` methods works, e.g. a client of a private Hub mirror. `kwargs` go to
+    `save_pretrained`. Returns what `upload_folder` returns (a `CommitInfo` for HfApi).
+    """
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+    with tempfile.TemporaryDirectory() as folder:
+        save_pretrained_with_structure(peft_model, folder, structure, **kwargs)
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision, repo_type="model"
+        )

@@ -1,0 +1,651 @@
+"""Bi-level structure search with the HuggingFace `Trainer`: `S3SearchTrainer` and `S3SearchCallback`.
+
+S3PET (paper section 3.2, Algorithm 1) trains two sets of parameters on two halves of the training data: the
+structural parameters alpha (one per gated candidate) on D_alpha, and the candidates' own weights delta on D_delta.
+Each optimizer step first updates alpha, then delta, and both see the same binary-concrete gate sample (footnote 6).
+
+`S3SearchTrainer` is a drop-in replacement for `transformers.Trainer` that does exactly that, with first-order or
+DARTS second-order (finite-difference) alpha gradients, its own AdamW for alpha, checkpoints that resume bit for bit,
+and `s3/...` metrics in the normal training logs.
+
+`S3SearchCallback` is for scripts that cannot change their `Trainer` class. A callback cannot run anything between
+the start of an optimizer step and its delta update, so it updates alpha at the *end* of each step: delta first, then
+alpha, still on the same gate sample. Because the alpha step then sees the freshly updated delta, the order is a half
+step shifted from Algorithm 1, which makes no difference to first-order search; the second-order (unrolled) gradient
+is only offered by the trainer. The callback does not add metrics to the logs and cannot save its alpha optimizer
+state into checkpoints (on resume the alphas come back with the adapter weights, the alpha learning-rate schedule
+continues where it was, but AdamW's moment estimates restart).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Optional
+
+import torch
+from accelerate.utils import reduce, send_to_device
+from peft import PeftModel
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset, Subset
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.optimization import get_linear_schedule_with_warmup
+from transformers.trainer_utils import has_length
+from transformers.utils import logging
+
+from .structure import save_gate_report
+from .tuner.gates import GateBank, gate_entropy
+from .tuner.model import S3Model
+
+logger = logging.get_logger(__name__)
+
+BILEVEL_MODES = ("first_order", "second_order")
+SEARCH_STATE_NAME = "s3_search_state.pt"
+_DEFAULT_SEARCH_SPLIT = 0.5
+# Guards the finite-difference step eps / ||v|| when v vanishes; the Hessian term is then exactly zero anyway.
+_MIN_NORM = 1e-12
+
+
+def _search_adapter(model: Optional[nn.Module]) -> tuple[S3Model, GateBank, nn.Parameter]:
+    """The S3 tuner, gate bank and structural parameters of the one active search adapter of `model`."""
+    tuner = model.base_model if isinstance(model, PeftModel) else None
+    if not isinstance(tuner, S3Model):
+        raise ValueError(
+            f"S3 search needs a PeftModel with an S3 search adapter, made by "
+            f"`peft.get_peft_model(model, peft_s3.S3SearchConfig(budget=...))`; got {type(model).__name__}"
+            + ("." if tuner is None else f" with a {type(tuner).__name__} tuner.")
+        )
+    names = [name for name in tuner.active_adapters if tuner.gate_bank(name) is not None]
+    if len(names) != 1:
+        raise ValueError(
+            f"S3 search needs exactly one active search adapter, but the active adapters {tuner.active_adapters} "
+            f"contain {len(names)}. A fixed-structure adapter (S3SearchConfig(structure=...)) has no structural "
+            "parameters: retrain it with the plain transformers Trainer."
+        )
+    return tuner, tuner.gate_bank(names[0]), tuner.s3_alpha[names[0]]
+
+
+@contextlib.contextmanager
+def _without_grad(parameters: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Temporarily stop gradients to `parameters` (their backward matmuls are skipped), restoring the flags exactly."""
+    flags = [parameter.requires_grad for parameter in parameters]
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for parameter, flag in zip(parameters, flags, strict=True):
+            parameter.requires_grad_(flag)
+
+
+def _accumulate_gradients(loss_fn: Callable[[Any], torch.Tensor], batches: Sequence[Any]) -> torch.Tensor:
+    """Backpropagate the mean loss over `batches`, one micro-batch at a time; returns that mean loss, detached."""
+    total = torch.zeros(())
+    for batch in batches:
+        loss = loss_fn(batch) / len(batches)
+        loss.backward()
+        total = total.to(loss.device) + loss.detach().float()
+    return total
+
+
+def _mean_across_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Average tensors over data-parallel processes in one collective (a no-op copy in a single process)."""
+    flat = reduce(torch.cat([tensor.reshape(-1) for tensor in tensors]), reduction="mean")
+    chunks = flat.split([tensor.numel() for tensor in tensors])
+    return [chunk.view_as(tensor) for chunk, tensor in zip(chunks, tensors, strict=True)]
+
+
+def _pop_gradients(parameters: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+    """The (process-averaged) gradients of `parameters`, zeros where none arrived; the .grad fields are cleared."""
+    gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    for parameter in parameters:
+        parameter.grad = None
+    return _mean_across_processes(gradients)
+
+
+@torch.no_grad()
+def _move(
+    parameters: Sequence[nn.Parameter],
+    start: list[torch.Tensor],
+    scale: float | torch.Tensor,
+    direction: list[torch.Tensor],
+) -> None:
+    """parameters <- start + scale * direction, in place."""
+    for parameter, origin, step in zip(parameters, start, direction, strict=True):
+        parameter.copy_(origin + scale * step)
+
+
+def _alpha_optimizer(
+    alpha: nn.Parameter, args: TrainingArguments, learning_rate: float, weight_decay: float, num_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW on alpha with the run's Adam betas and epsilon, its learning rate decaying linearly to 0."""
+    optimizer = torch.optim.AdamW(
+        [alpha],
+        lr=learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=weight_decay,
+    )
+    return optimizer, get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=num_steps)
+
+
+def _check_search_hyperparameters(
+    alpha_learning_rate: float, alpha_weight_decay: float, alpha_warmup_steps: int
+) -> None:
+    if not (isinstance(alpha_learning_rate, (int, float)) and 0 < alpha_learning_rate < math.inf):
+        raise ValueError(f"alpha_learning_rate={alpha_learning_rate!r} is not allowed: it must be a finite float > 0.")
+    if not (isinstance(alpha_weight_decay, (int, float)) and 0 <= alpha_weight_decay < math.inf):
+        raise ValueError(f"alpha_weight_decay={alpha_weight_decay!r} is not allowed: it must be a finite float >= 0.")
+    if isinstance(alpha_warmup_steps, bool) or not isinstance(alpha_warmup_steps, int) or alpha_warmup_steps < 0:
+        raise ValueError(f"alpha_warmup_steps={alpha_warmup_steps!r} is not allowed: it must be an int >= 0.")
+
+
+def _check_checkpointing(args: TrainingArguments) -> None:
+    checkpointing_kwargs = args.activation_checkpointing_kwargs or {}
+    if args.activation_checkpointing and checkpointing_kwargs.get("use_reentrant", False):
+        # Every layer reads its gates from one vector computed from alpha before the forward pass; reentrant
+        # checkpointing backpropagates each layer separately and would traverse that shared graph repeatedly.
+        raise ValueError(
+            f"activation_checkpointing_kwargs={checkpointing_kwargs!r} is not allowed: the alpha gradient needs "
+            'non-reentrant checkpointing, {"use_reentrant": False} (the transformers default).'
+        )
+
+
+def _search_steps(max_steps: int, alpha_warmup_steps: int) -> int:
+    if alpha_warmup_steps >= max_steps:
+        raise ValueError(
+            f"alpha_warmup_steps={alpha_warmup_steps} leaves no structure-search step in a run of {max_steps} "
+            f"optimizer steps; use fewer than {max_steps} warm-up steps or train longer."
+        )
+    return max_steps - alpha_warmup_steps
+
+
+def _search_metrics(bank: GateBank) -> dict[str, float]:
+    """The `s3/...` log entries: expected size against the budget, the shift zeta, gate entropy and open gates."""
+    expected = bank.expected_num_params()
+    with torch.no_grad():
+        probabilities = bank.probabilities().detach().float()
+    return {
+        "s3/expected_params": expected.item(),
+        "s3/budget": float(bank.budget),
+        "s3/zeta": bank.zeta.item(),
+        "s3/gate_entropy": gate_entropy(probabilities).mean().item(),
+        "s3/gates_open": int((probabilities > 0.5).sum().item()),
+    }
+
+
+class _SearchBatches:
+    """Endless stream of D_alpha batches, epoch after epoch, that never touches the global torch RNG.
+
+    Creating a DataLoader iterator draws from the global RNG (and a collator may too), so a stream created anew on
+    resume would shift the gate noise of the resumed run. Every draw here runs in a forked RNG seeded from
+    (seed, epoch, batch), which makes the stream reproducible from its position alone.
+    """
+
+    def __init__(self, dataloader: Iterable, seed: int, epoch: int = 0, batches_in_epoch: int = 0) -> None:
+        self.dataloader = dataloader
+        self.seed = seed
+        self.epoch = epoch
+        self.batches_in_epoch = batches_in_epoch
+        self._iterator: Optional[Iterator] = None
+
+    def _reseed(self, index: int) -> None:
+        torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % 2**63)
+
+    def __next__(self) -> Any:
+        with torch.random.fork_rng(devices=[]):
+            for _ in range(2):
+                if self._iterator is None:
+                    self._reseed(-1)
+                    if hasattr(self.dataloader, "set_epoch"):
+                        self.dataloader.set_epoch(self.epoch)
+                    self._iterator = iter(self.dataloader)
+                    # Resuming mid-epoch replays the iterator (loading data only), which also replays the state of
+                    # any dataloader workers.
+                    for _ in range(self.batches_in_epoch):
+                        next(self._iterator)
+                self._reseed(self.batches_in_epoch)
+                try:
+                    batch = next(self._iterator)
+                except StopIteration:
+                    self.epoch += 1
+                    self.batches_in_epoch = 0
+                    self._iterator = None
+                    continue
+                self.batches_in_epoch += 1
+                return batch
+        raise ValueError("The structure-search dataloader (D_alpha) yields no batches; give it at least one example.")
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "batches_in_epoch": self.batches_in_epoch}
+
+
+class S3SearchTrainer(Trainer):
+    """
+    `transformers.Trainer` for S3PET structure search: alternates alpha updates on D_alpha with delta updates on
+    D_delta, both on one binary-concrete gate sample per optimizer step (Algorithm 1 of the paper).
+
+    Pass everything a `Trainer` takes (the model must be a PeftModel with an S3 search adapter); the extra keyword
+    arguments configure the search:
+
+    Args:
+        search_dataset: D_alpha, the data for the structural parameters. Default: split off from `train_dataset`.
+        search_split: Fraction of `train_dataset` that becomes D_alpha when `search_dataset` is None (default 0.5,
+            as in the paper). The split is a permutation seeded with `args.seed`; the rest, D_delta, becomes
+            `self.train_dataset`.
+        alpha_learning_rate: Learning rate of the AdamW that updates alpha (decays linearly to 0; paper: 0.1).
+        alpha_weight_decay: Weight decay of that AdamW.
+        bilevel: `"first_order"` (the alpha gradient at the current delta) or `"second_order"` (DARTS' unrolled
+            gradient, eqs. 10-13, with a finite-difference Hessian-vector product; about 2.5x the cost per step).
+        unrolled_learning_rate: xi of eqs. 11-13, the step size of the virtual delta update. Default:
+            `args.learning_rate`.
+        finite_difference_epsilon: The finite-difference step is this divided by the norm of the gradient it
+            perturbs along, as in DARTS.
+        alpha_warmup_steps: Optimizer steps at the start during which only delta trains. Deltas start at zero (the
+            identity), so alpha gets no signal until they have moved.
+
+    With gradient accumulation, each optimizer step accumulates the alpha gradient over as many D_alpha micro-batches
+    as the delta gradient gets D_delta micro-batches, so both levels see the same effective batch size, and alpha is
+    updated once per optimizer step. Fp32 and bf16 are supported, fp16 (loss scaling) is not; DeepSpeed and FSDP
+    are not supported. In multi-process (DDP) runs alpha is kept out of DDP and averaged across processes explicitly.
+
+    Example:
+
+        ```py
+        >>> import peft, peft_s3
+        >>> model = peft.get_peft_model(base_model, peft_s3.S3SearchConfig(budget=1e-4, task_type="SEQ_CLS"))
+        >>> trainer = peft_s3.S3SearchTrainer(
+        ...     model=model,
+        ...     args=TrainingArguments("search", learning_rate=3e-4, num_train_epochs=5, logging_steps=50),
+        ...     train_dataset=train_dataset,  # split in half: D_alpha and D_delta
+        ...     data_collator=collator,
+        ...     alpha_learning_rate=0.1,
+        ... )
+        >>> trainer.train()
+        >>> model.base_model.gate_report()[:3]
+        ```
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        search_dataset: Optional[Dataset] = None,
+        search_split: Optional[float] = None,
+        alpha_learning_rate: float = 0.1,
+        alpha_weight_decay: float = 0.0,
+        bilevel: str = "first_order",
+        unrolled_learning_rate: Optional[float] = None,
+        finite_difference_epsilon: float = 0.01,
+        alpha_warmup_steps: int = 0,
+        **kwargs: Any,
+    ) -> None:
+        _check_search_hyperparameters(alpha_learning_rate, alpha_weight_decay, alpha_warmup_steps)
+        if bilevel not in BILEVEL_MODES:
+            raise ValueError(f"bilevel={bilevel!r} is not allowed: choose one of {list(BILEVEL_MODES)}.")
+        if unrolled_learning_rate is not None and not (
+            isinstance(unrolled_learning_rate, (int, float)) and 0 < unrolled_learning_rate < math.inf
+        ):
+            raise ValueError(
+                f"unrolled_learning_rate={unrolled_learning_rate!r} is not allowed: it must be a finite float > 0, "
+                "or None for args.learning_rate."
+            )
+        if not (isinstance(finite_difference_epsilon, (int, float)) and 0 < finite_difference_epsilon < math.inf):
+            raise ValueError(
+                f"finite_difference_epsilon={finite_difference_epsilon!r} is not allowed: it must be a finite "
+                "float > 0."
+            )
+        if search_dataset is not None and search_split is not None:
+            raise ValueError(
+                f"Pass either search_dataset (an explicit D_alpha) or search_split={search_split!r} (the fraction of "
+                "train_dataset to split off as D_alpha), not both."
+            )
+        if search_split is not None and (
+            isinstance(search_split, bool) or not isinstance(search_split, (int, float)) or not 0 < search_split < 1
+        ):
+            raise ValueError(f"search_split={search_split!r} is not allowed: it must be a float in (0, 1).")
+        super().__init__(*args, **kwargs)
+        if self.args.fp16:
+            raise ValueError("fp16=True is not supported by S3SearchTrainer (no loss scaling for alpha); use bf16.")
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError("S3SearchTrainer supports single-device and DDP training, not DeepSpeed or FSDP.")
+        _check_checkpointing(self.args)
+        if self.model is not None:
+            _search_adapter(self.model)
+        self.alpha_learning_rate = alpha_learning_rate
+        self.alpha_weight_decay = alpha_weight_decay
+        self.bilevel = bilevel
+        self.unrolled_learning_rate = unrolled_learning_rate
+        self.finite_difference_epsilon = finite_difference_epsilon
+        self.alpha_warmup_steps = alpha_warmup_steps
+        if search_dataset is None:
+            self.search_dataset, self.train_dataset = self._split(
+                _DEFAULT_SEARCH_SPLIT if search_split is None else search_split
+            )
+        else:
+            if has_length(search_dataset) and len(search_dataset) == 0:
+                raise ValueError("search_dataset is empty; D_alpha needs at least one example.")
+            self.search_dataset = search_dataset
+
+        self.alpha_optimizer: Optional[torch.optim.Optimizer] = None
+        self.alpha_lr_scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
+        self._search_batches: Optional[_SearchBatches] = None
+        self._search_stream_state: dict[str, int] = {}
+        # The D_delta micro-batches of the coming optimizer step, handed over by get_batch_samples.
+        self._step_delta_batches: Optional[list[Any]] = None
+        self._step_noise = contextlib.ExitStack()
+        self._alpha_loss_sum: Optional[torch.Tensor] = None
+        self._alpha_loss_steps = 0
+        # Set when training starts (create_optimizer): the model may come from model_init only then.
+        self._tuner: Optional[S3Model] = None
+        self._bank: Optional[GateBank] = None
+        self._alpha: Optional[nn.Parameter] = None
+        self._delta_parameters: list[nn.Parameter] = []
+
+    def _split(self, fraction: float) -> tuple[Dataset, Dataset]:
+        dataset = self.train_dataset
+        if dataset is None or not has_length(dataset):
+            raise ValueError(
+                "S3SearchTrainer splits train_dataset into D_alpha and D_delta, which needs a dataset with a length; "
+                f"got {type(dataset).__name__}. Pass search_dataset explicitly for iterable datasets."
+            )
+        size = len(dataset)
+        num_search = round(size * fraction)
+        if not 0 < num_search < size:
+            raise ValueError(
+                f"search_split={fraction} of a train_dataset of {size} examples leaves {num_search} for D_alpha and "
+                f"{size - num_search} for D_delta; both need at least one example (use a larger dataset)."
+            )
+        order = torch.randperm(size, generator=torch.Generator().manual_seed(self.args.seed)).tolist()
+        parts = (sorted(order[:num_search]), sorted(order[num_search:]))
+        if hasattr(dataset, "select"):
+            # A datasets.Dataset keeps its type, so the Trainer can still drop the columns the model does not take.
+            return tuple(dataset.select(indices) for indices in parts)
+        return tuple(Subset(dataset, indices) for indices in parts)
+
+    # ------------------------------------------------------------------ optimizers
+
+    def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, over every trainable parameter except alpha, which has its own optimizer."""
+        self._tuner, self._bank, self._alpha = _search_adapter(self.model)
+        self._delta_parameters = [p for p in self.model.parameters() if p.requires_grad and p is not self._alpha]
+        # DDP never sees alpha: its gradient comes from forward passes outside the DDP wrapper and is averaged
+        # explicitly, and it does not take part in the delta backward at all.
+        alpha_names = [name for name, p in self.model.named_parameters() if p is self._alpha]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, alpha_names)
+        user_optimizer = self.optimizer is not None
+        with _without_grad([self._alpha]):
+            optimizer = super().create_optimizer(model)
+        if user_optimizer and any(p is self._alpha for group in optimizer.param_groups for p in group["params"]):
+            raise ValueError(
+                f"The optimizer passed to S3SearchTrainer updates the structural parameters {alpha_names}; they have "
+                "their own optimizer (alpha_learning_rate). Leave them out of the optimizer's parameter groups."
+            )
+        return optimizer
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: Optional[torch.optim.Optimizer] = None
+    ) -> torch.optim.lr_scheduler.LRScheduler:
+        """The Trainer's scheduler, plus a fresh alpha optimizer, its schedule and the D_alpha stream for this run."""
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        self.alpha_optimizer, self.alpha_lr_scheduler = _alpha_optimizer(
+            self._alpha,
+            self.args,
+            self.alpha_learning_rate,
+            self.alpha_weight_decay,
+            _search_steps(num_training_steps, self.alpha_warmup_steps),
+        )
+        self._search_batches = None
+        self._search_stream_state = {}
+        self._alpha_loss_sum = None
+        self._alpha_loss_steps = 0
+        return scheduler
+
+    # ------------------------------------------------------------------ the bi-level step
+
+    def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        self._step_delta_batches = batch_samples
+        return batch_samples, num_items_in_batch
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Optional[Any] = None
+    ) -> torch.Tensor:
+        """One delta micro-batch; the first micro-batch of an optimizer step updates alpha beforehand."""
+        try:
+            if self._step_delta_batches is not None:
+                delta_batches, self._step_delta_batches = self._step_delta_batches, None
+                self._step_noise.enter_context(self._tuner.frozen_gate_noise())
+                if self.state.global_step >= self.alpha_warmup_steps:
+                    self._alpha_step(model, delta_batches)
+            with _without_grad([self._alpha]):
+                loss = super().training_step(model, inputs, num_items_in_batch)
+        except BaseException:
+            self._step_noise.close()
+            raise
+        if self.accelerator.sync_gradients:
+            self._step_noise.close()
+        return loss
+
+    def _search_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+        inputs = self._prepare_inputs(batch)
+        with self.compute_loss_context_manager():
+            return self.compute_loss(model, inputs)
+
+    def _next_search_batch(self) -> Any:
+        if self._search_batches is None:
+            dataloader = self._get_dataloader(
+                dataset=self.search_dataset,
+                description="Structure search",
+                batch_size=self._train_batch_size,
+                sampler_fn=self._get_train_sampler,
+                is_training=True,
+            )
+            self._search_batches = _SearchBatches(dataloader, self.args.seed, **self._search_stream_state)
+        return next(self._search_batches)
+
+    def _alpha_step(self, model: nn.Module, delta_batches: list[Any]) -> None:
+        """Update alpha on as many D_alpha micro-batches as the step has D_delta micro-batches."""
+        # Outside the DDP wrapper, so these extra passes neither synchronise nor confuse DDP's reducer.
+        module = self.accelerator.unwrap_model(model)
+        module.train()
+        search_batches = [self._next_search_batch() for _ in delta_batches]
+
+        def loss_fn(batch: dict[str, Any]) -> torch.Tensor:
+            return self._search_loss(module, batch)
+
+        if self.bilevel == "first_order":
+            with _without_grad(self._delta_parameters):
+                loss = _accumulate_gradients(loss_fn, search_batches)
+            self._alpha.grad = _pop_gradients([self._alpha])[0]
+        else:
+            loss = self._second_order_alpha_gradient(loss_fn, delta_batches, search_batches)
+        self.alpha_optimizer.step()
+        self.alpha_lr_scheduler.step()
+        self.alpha_optimizer.zero_grad(set_to_none=True)
+        self._alpha_loss_sum = loss if self._alpha_loss_sum is None else self._alpha_loss_sum + loss
+        self._alpha_loss_steps += 1
+
+    def _second_order_alpha_gradient(
+        self, loss_fn: Callable[[Any], torch.Tensor], delta_batches: list[Any], search_batches: list[Any]
+    ) -> torch.Tensor:
+        """Set alpha.grad to DARTS' unrolled gradient (eq. 13); returns L_alpha at the unrolled delta'.
+
+        Only the delta tensors are perturbed, in place, and copied back from a snapshot, so the model ends bit for
+        bit where it started. Cost: four forward/backward passes before the regular delta step.
+        """
+        alpha, deltas = self._alpha, self._delta_parameters
+        xi = self.args.learning_rate if self.unrolled_learning_rate is None else self.unrolled_learning_rate
+        snapshot = [p.detach().clone() for p in deltas]
+        try:
+            with _without_grad([alpha]):
+                _accumulate_gradients(loss_fn, delta_batches)
+            _move(deltas, snapshot, -xi, _pop_gradients(deltas))  # delta' = delta - xi grad_delta L_delta
+            loss = _accumulate_gradients(loss_fn, search_batches)
+            direct = _pop_gradients([alpha])[0]  # grad_alpha L_alpha(delta', alpha)
+            direction = _pop_gradients(deltas)  # v = grad_delta' L_alpha(delta', alpha)
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in direction]))
+            epsilon = self.finite_difference_epsilon / norm.clamp_min(_MIN_NORM)
+            curvature = []
+            for sign in (1.0, -1.0):
+                _move(deltas, snapshot, sign * epsilon, direction)  # delta+- = delta +- epsilon v
+                with _without_grad(deltas):
+                    _accumulate_gradients(loss_fn, delta_batches)
+                curvature.append(_pop_gradients([alpha])[0])  # grad_alpha L_delta(delta+-, alpha)
+            alpha.grad = direct - xi * (curvature[0] - curvature[1]) / (2 * epsilon)
+        finally:
+            with torch.no_grad():
+                for parameter, start in zip(deltas, snapshot, strict=True):
+                    parameter.copy_(start)
+                    parameter.grad = None
+        return loss
+
+    # ------------------------------------------------------------------ logging and checkpoints
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        """Adds the `s3/...` search metrics to every training-loss log entry."""
+        if "loss" in logs and self._bank is not None:
+            logs.update(_search_metrics(self._bank))
+            if self._alpha_loss_steps:
+                alpha_loss = reduce(self._alpha_loss_sum, reduction="mean").item() / self._alpha_loss_steps
+                logs["s3/alpha_loss"] = alpha_loss
+                self._alpha_loss_sum = None
+                self._alpha_loss_steps = 0
+        super().log(logs, start_time)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.args.should_save and self.alpha_optimizer is not None:
+            state = {
+                "optimizer": self.alpha_optimizer.state_dict(),
+                "lr_scheduler": self.alpha_lr_scheduler.state_dict(),
+                "search_batches": (
+                    self._search_stream_state if self._search_batches is None else self._search_batches.state_dict()
+                ),
+            }
+            torch.save(state, os.path.join(output_dir, SEARCH_STATE_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, SEARCH_STATE_NAME)
+        if not os.path.isfile(path):
+            logger.warning(
+                f"{checkpoint} has no {SEARCH_STATE_NAME}: the alpha optimizer and the D_alpha data order start "
+                "afresh (the alphas themselves are restored with the adapter weights)."
+            )
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.alpha_optimizer.load_state_dict(state["optimizer"])
+        self.alpha_lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self._search_stream_state = dict(state["search_batches"])
+        self._search_batches = None
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Saves the adapter as the Trainer does, plus the gate report (`s3_gates.json`) next to it."""
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            save_gate_report(self.model, output_dir or self.args.output_dir)
+
+
+class S3SearchCallback(TrainerCallback):
+    """
+    First-order S3PET structure search as a callback, for scripts that cannot swap their `Trainer` class.
+
+    Each optimizer step, after the Trainer's delta update, the callback updates alpha with its own AdamW on
+    `args.gradient_accumulation_steps` batches of `search_dataloader` (D_alpha), on the same gate sample the delta
+    step used. It takes alpha out of the Trainer's optimizer by freezing it when the Trainer is created, so pass it
+    in `Trainer(callbacks=[...])`, not through `add_callback` afterwards; alpha stays frozen (`requires_grad=False`)
+    outside the callback's own alpha steps. The Trainer's `train_dataset` is D_delta; keep it disjoint from D_alpha.
+    Batches of `search_dataloader` must carry labels, so that the model returns its loss. See the module docstring
+    for how this differs from `S3SearchTrainer`.
+
+    Example:
+
+        ```py
+        >>> search_loader = DataLoader(search_set, batch_size=32, shuffle=True, collate_fn=collator)
+        >>> callback = peft_s3.S3SearchCallback(search_loader)
+        >>> trainer = Trainer(model=model, args=args, train_dataset=delta_set, callbacks=[callback])
+        >>> trainer.train()
+        ```
+    """
+
+    def __init__(
+        self,
+        search_dataloader: Iterable,
+        alpha_learning_rate: float = 0.1,
+        alpha_weight_decay: float = 0.0,
+        alpha_warmup_steps: int = 0,
+    ) -> None:
+        _check_search_hyperparameters(alpha_learning_rate, alpha_weight_decay, alpha_warmup_steps)
+        self.search_dataloader = search_dataloader
+        self.alpha_learning_rate = alpha_learning_rate
+        self.alpha_weight_decay = alpha_weight_decay
+        self.alpha_warmup_steps = alpha_warmup_steps
+        self.alpha_optimizer: Optional[torch.optim.Optimizer] = None
+        self.alpha_lr_scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
+        self._step_noise = contextlib.ExitStack()
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        _, _, alpha = _search_adapter(kwargs.get("model"))
+        # Frozen until the callback's own alpha step, so the Trainer's optimizer never takes it.
+        alpha.requires_grad_(False)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        _check_checkpointing(args)
+        self._tuner, self._bank, self._alpha = _search_adapter(kwargs.get("model"))
+        optimizer = kwargs.get("optimizer")
+        if self._alpha.requires_grad or (
+            optimizer is not None and any(p is self._alpha for g in optimizer.param_groups for p in g["params"])
+        ):
+            raise ValueError(
+                "The Trainer's optimizer also updates the structural parameters alpha: pass S3SearchCallback in "
+                "`Trainer(callbacks=[...])` (not `add_callback` after the Trainer was created), so it can keep alpha "
+                "out of that optimizer."
+            )
+        self.alpha_optimizer, self.alpha_lr_scheduler = _alpha_optimizer(
+            self._alpha,
+            args,
+            self.alpha_learning_rate,
+            self.alpha_weight_decay,
+            _search_steps(state.max_steps, self.alpha_warmup_steps),
+        )
+        # A resumed run continues the learning-rate schedule (the AdamW moments are not in the checkpoint).
+        for _ in range(max(0, state.global_step - self.alpha_warmup_steps)):
+            self.alpha_lr_scheduler.step()
+        self._search_batches = _SearchBatches(self.search_dataloader, args.seed)
+        self._device = args.device
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        self._step_noise.enter_context(self._tuner.frozen_gate_noise())
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        try:
+            if state.global_step > self.alpha_warmup_steps:
+                self._alpha_step(kwargs["model"], args.gradient_accumulation_steps)
+        finally:
+            self._step_noise.close()
+
+    def _alpha_step(self, model: nn.Module, num_batches: int) -> None:
+        batches = [next(self._search_batches) for _ in range(num_batches)]
+
+        def loss_fn(batch: Any) -> torch.Tensor:
+            loss = model(**send_to_device(batch, self._device)).loss
+            if loss is None:
+                raise ValueError("S3SearchCallback needs search batches with labels, so the model returns a loss.")
+            return loss
+
+        deltas = [p for p in model.parameters() if p.requires_grad]
+        with _without_grad(deltas):
+            self._alpha.requires_grad_(True)
+            try:
+                _accumulate_gradients(loss_fn, batches)
+            finally:
+                self._alpha.requires_grad_(False)
+        self._alpha.grad = _pop_gradients([self._alpha])[0]
+        self.alpha_optimizer.step()
+        self.alpha_lr_scheduler.step()
+        self.alpha_optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,443 @@
+"""Tests of the bi-level structure search: S3SearchTrainer and S3SearchCallback, on tiny models built from configs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from conftest import NUM_LABELS, TASK_TYPES, TINY_MODELS, VOCAB_SIZE, make_batch
+from torch.func import functional_call
+from transformers import Trainer, TrainingArguments
+
+import peft_s3
+from peft_s3.trainer import SEARCH_STATE_NAME, S3SearchCallback, S3SearchTrainer
+
+MARKER = 5
+S3_LOG_KEYS = {"s3/expected_params", "s3/budget", "s3/zeta", "s3/gate_entropy", "s3/gates_open", "s3/alpha_loss"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the thread pool's spinning
+    # makes them orders of magnitude slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class MarkerTask(torch.utils.data.Dataset):
+    """Random token sequences; the label says whether the token MARKER occurs in the sequence (learnable)."""
+
+    def __init__(self, size: int, seq_len: int = 8, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.input_ids = torch.randint(MARKER + 1, VOCAB_SIZE, (size, seq_len), generator=generator)
+        self.labels = torch.randint(0, NUM_LABELS, (size,), generator=generator)
+        positions = torch.randint(0, seq_len, (size,), generator=generator)
+        positive = self.labels.bool()
+        self.input_ids[positive, positions[positive]] = MARKER
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = self.input_ids[index]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": self.labels[index]}
+
+
+def search_model(arch: str = "bert", **config_kwargs) -> peft.PeftModel:
+    """A tiny model with an S3 search adapter, the same on every call (the candidates' init draws random numbers)."""
+    config_kwargs.setdefault("budget", 0.05)
+    config = peft_s3.S3SearchConfig(task_type=TASK_TYPES[arch], **config_kwargs)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return peft.get_peft_model(TINY_MODELS[arch](), config)
+
+
+def arguments(output_dir: Path, **kwargs) -> TrainingArguments:
+    defaults = {
+        "per_device_train_batch_size": 8,
+        "learning_rate": 3e-2,
+        "max_steps": 4,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 3,
+    }
+    return TrainingArguments(str(output_dir), **{**defaults, **kwargs})
+
+
+def alpha_of(model: peft.PeftModel) -> torch.nn.Parameter:
+    return model.base_model.s3_alpha["default"]
+
+
+def trainable_state(model: peft.PeftModel) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def test_search_learns_the_task_and_keeps_the_budget(tmp_path):
+    model = search_model()
+    alpha_before = alpha_of(model).detach().clone()
+    flags_before = {name: p.requires_grad for name, p in model.named_parameters()}
+    trainer = S3SearchTrainer(
+        model=model,
+        args=arguments(tmp_path, max_steps=40, logging_steps=10),
+        train_dataset=MarkerTask(256),
+        eval_dataset=MarkerTask(64, seed=1),
+    )
+    loss_before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    loss_after = trainer.evaluate()["eval_loss"]
+
+    assert loss_after < loss_before - 0.05
+    assert not torch.equal(alpha_of(model), alpha_before)
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags_before
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 4
+    budget = model.base_model.budget()
+    for entry in logs:
+        assert S3_LOG_KEYS <= set(entry)
+        assert entry["s3/budget"] == budget
+        assert abs(entry["s3/expected_params"] - budget) <= 0.01 * budget
+        assert 0 <= entry["s3/gates_open"] <= len(model.base_model.candidates())
+    # The search decided something: some gates are open, and the gates are less uncertain than at the start.
+    assert logs[-1]["s3/gates_open"] > 0
+    assert logs[-1]["s3/gate_entropy"] < logs[0]["s3/gate_entropy"]
+
+
+@pytest.mark.parametrize("as_hf_dataset", [False, True])
+def test_split_is_disjoint_complete_and_seeded(tmp_path, as_hf_dataset):
+    datasets = pytest.importorskip("datasets")
+    task = MarkerTask(50)
+    rows = {"input_ids": task.input_ids.tolist(), "labels": task.labels.tolist(), "row": list(range(50))}
+    train = datasets.Dataset.from_dict(rows) if as_hf_dataset else torch.utils.data.TensorDataset(torch.arange(50))
+
+    def split(seed: int, search_split: float | None = None) -> tuple[list[int], list[int], type]:
+        trainer = S3SearchTrainer(
+            model=search_model(), args=arguments(tmp_path, seed=seed), train_dataset=train, search_split=search_split
+        )
+        if as_hf_dataset:
+            return list(trainer.search_dataset["row"]), list(trainer.train_dataset["row"]), type(trainer.train_dataset)
+        return trainer.search_dataset.indices, trainer.train_dataset.indices, type(trainer.train_dataset)
+
+    search, delta, kind = split(seed=0)
+    assert kind is (datasets.Dataset if as_hf_dataset else torch.utils.data.Subset)
+    assert len(search) == len(delta) == 25
+    assert not set(search) & set(delta)
+    assert sorted(search + delta) == list(range(50))
+    assert split(seed=0)[:2] == (search, delta)
+    assert split(seed=1)[0] != search
+    assert len(split(seed=0, search_split=0.2)[0]) == 10
+
+
+def test_explicit_search_dataset_is_used_as_is(tmp_path):
+    train, search = MarkerTask(32), MarkerTask(16, seed=1)
+    trainer = S3SearchTrainer(
+        model=search_model(), args=arguments(tmp_path), train_dataset=train, search_dataset=search
+    )
+    assert trainer.train_dataset is train
+    assert trainer.search_dataset is search
+
+
+def test_alpha_has_its_own_optimizer(tmp_path):
+    model = search_model()
+    trainer = S3SearchTrainer(model=model, args=arguments(tmp_path, max_steps=1), train_dataset=MarkerTask(32))
+    trainer.train()
+    alpha = alpha_of(model)
+    main = [p for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert not any(p is alpha for p in main)
+    trainable = [p for p in model.parameters() if p.requires_grad and p is not alpha]
+    assert {id(p) for p in main} == {id(p) for p in trainable}
+    assert [p for group in trainer.alpha_optimizer.param_groups for p in group["params"]] == [alpha]
+    assert trainer.alpha_optimizer.param_groups[0]["initial_lr"] == 0.1
+
+
+def test_user_optimizer_with_alpha_is_refused(tmp_path):
+    model = search_model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    trainer = S3SearchTrainer(
+        model=model, args=arguments(tmp_path), train_dataset=MarkerTask(32), optimizers=(optimizer, None)
+    )
+    with pytest.raises(ValueError, match="structural parameters"):
+        trainer.train()
+
+
+def one_step_alpha(tmp_path: Path, bilevel: str) -> torch.Tensor:
+    model = search_model(init_weights=False)
+    args = arguments(tmp_path / bilevel, max_steps=3)
+    trainer = S3SearchTrainer(
+        model=model, args=args, train_dataset=MarkerTask(64), bilevel=bilevel, unrolled_learning_rate=0.5
+    )
+    trainer.train()
+    return alpha_of(model).detach().clone()
+
+
+def test_second_order_changes_alpha_differently_from_first_order(tmp_path):
+    first = one_step_alpha(tmp_path, "first_order")
+    assert torch.equal(first, one_step_alpha(tmp_path, "first_order"))
+    second = one_step_alpha(tmp_path, "second_order")
+    assert not torch.allclose(first, second)
+
+
+def test_second_order_gradient_matches_exact_unrolled_gradient(tmp_path):
+    """Eq. 13 (finite differences) against eq. 11 differentiated exactly with double backward."""
+    model = search_model(init_weights=False)
+    # The CPU flash-attention kernel has no double backward; the math is the same.
+    model.base_model.model.set_attn_implementation("eager")
+    xi = 0.5
+    trainer = S3SearchTrainer(
+        model=model,
+        args=arguments(tmp_path),
+        train_dataset=MarkerTask(16),
+        bilevel="second_order",
+        unrolled_learning_rate=xi,
+        finite_difference_epsilon=1e-3,
+    )
+    trainer.create_optimizer()
+    delta_batch, search_batch = make_batch("bert", 8, seed=1), make_batch("bert", 8, seed=2)
+    alpha, deltas = alpha_of(model), trainer._delta_parameters
+    names = {id(p): name for name, p in model.named_parameters()}
+    model.train()
+    with model.base_model.frozen_gate_noise():
+        with torch.no_grad():
+            model(**delta_batch)  # draws the one gate sample that every pass below shares
+        delta_grads = torch.autograd.grad(model(**delta_batch).loss, deltas, create_graph=True)
+        unrolled = {names[id(p)]: p - xi * g for p, g in zip(deltas, delta_grads, strict=True)}
+        (exact,) = torch.autograd.grad(functional_call(model, unrolled, kwargs=search_batch).loss, alpha)
+        detached = {name: value.detach() for name, value in unrolled.items()}
+        (direct,) = torch.autograd.grad(functional_call(model, detached, kwargs=search_batch).loss, alpha)
+        before = [p.detach().clone() for p in deltas]
+        trainer._second_order_alpha_gradient(
+            lambda batch: trainer._search_loss(model, batch), [delta_batch], [search_batch]
+        )
+
+    # The second-order term matters here, and the finite difference gets it right.
+    assert (exact - direct).norm() > 0.3 * exact.norm()
+    assert (alpha.grad - exact).norm() < 1e-3 * exact.norm()
+    assert all(torch.equal(p, b) for p, b in zip(deltas, before, strict=True))
+    assert all(p.grad is None for p in deltas)
+
+
+def test_second_order_restores_deltas_bit_exactly(tmp_path):
+    """With a zero delta learning rate, deltas only move inside the alpha step, which must put them back."""
+    model = search_model(init_weights=False)
+    before = trainable_state(model)
+    alpha_before = before.pop("base_model.s3_alpha.default")
+    trainer = S3SearchTrainer(
+        model=model,
+        args=arguments(tmp_path, learning_rate=0.0, max_steps=3),
+        train_dataset=MarkerTask(64),
+        bilevel="second_order",
+        unrolled_learning_rate=0.5,
+    )
+    trainer.train()
+    after = trainable_state(model)
+    assert not torch.equal(after.pop("base_model.s3_alpha.default"), alpha_before)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+
+
+@pytest.mark.parametrize(("bilevel", "accumulation"), [("first_order", 1), ("second_order", 2)])
+def test_resume_reaches_the_same_alphas_bit_for_bit(tmp_path, bilevel, accumulation):
+    def run(output_dir: Path, resume: str | None = None) -> tuple[peft.PeftModel, S3SearchTrainer]:
+        model = search_model(init_weights=False)
+        args = arguments(
+            output_dir, max_steps=8, save_strategy="steps", save_steps=4, gradient_accumulation_steps=accumulation
+        )
+        # 20 examples per half in batches of 8: the checkpoint falls mid-epoch for both data streams.
+        trainer = S3SearchTrainer(model=model, args=args, train_dataset=MarkerTask(40), bilevel=bilevel)
+        trainer.train(resume_from_checkpoint=resume)
+        return model, trainer
+
+    whole, whole_trainer = run(tmp_path / "whole")
+    checkpoint = tmp_path / "whole" / "checkpoint-4"
+    assert (checkpoint / SEARCH_STATE_NAME).is_file()
+    assert (checkpoint / "s3_gates.json").is_file()
+    resumed, resumed_trainer = run(tmp_path / "resumed", resume=str(checkpoint))
+
+    assert torch.equal(alpha_of(whole), alpha_of(resumed))
+    whole_state, resumed_state = trainable_state(whole), trainable_state(resumed)
+    assert all(torch.equal(whole_state[name], resumed_state[name]) for name in whole_state)
+    alpha_losses = [
+        [entry.get("s3/alpha_loss") for entry in t.state.log_history] for t in (whole_trainer, resumed_trainer)
+    ]
+    assert alpha_losses[0] == alpha_losses[1]
+
+
+def test_gradient_accumulation_updates_alpha_once_per_step_on_as_many_batches(tmp_path):
+    model = search_model()
+    batch_sizes = []
+    model.base_model.model.register_forward_pre_hook(
+        lambda module, args, kwargs: batch_sizes.append(len(kwargs["input_ids"])), with_kwargs=True
+    )
+    trainer = S3SearchTrainer(
+        model=model,
+        args=arguments(tmp_path, max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=2),
+        train_dataset=MarkerTask(64),
+    )
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert trainer.alpha_lr_scheduler.last_epoch == 3
+    assert trainer.alpha_optimizer.state[alpha_of(model)]["step"] == 3
+    # Per optimizer step: two D_alpha micro-batches for alpha, then two D_delta micro-batches for delta.
+    assert batch_sizes == [4] * (3 * (2 + 2))
+
+
+def test_alpha_warmup_trains_only_deltas_first(tmp_path):
+    model = search_model(init_weights=False)
+    trainer = S3SearchTrainer(
+        model=model, args=arguments(tmp_path, max_steps=4), train_dataset=MarkerTask(64), alpha_warmup_steps=2
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert ["s3/alpha_loss" in entry for entry in logs] == [False, False, True, True]
+    assert trainer.alpha_lr_scheduler.last_epoch == 2
+
+
+def test_bf16_search_on_llama(tmp_path):
+    batch = make_batch("llama", batch_size=32, seq_len=8)
+    rows = [{key: value[index] for key, value in batch.items()} for index in range(32)]
+    model = search_model("llama", init_weights=False)
+    alpha_before = alpha_of(model).detach().clone()
+    trainer = S3SearchTrainer(
+        model=model,
+        args=arguments(tmp_path, bf16=True, max_steps=3, per_device_train_batch_size=4),
+        train_dataset=rows,
+    )
+    trainer.train()
+    alpha = alpha_of(model)
+    assert alpha.dtype == torch.float32
+    assert torch.isfinite(alpha).all()
+    assert not torch.equal(alpha, alpha_before)
+    assert all(torch.isfinite(torch.tensor(entry["s3/alpha_loss"])) for entry in trainer.state.log_history[:-1])
+
+
+def test_non_reentrant_activation_checkpointing(tmp_path):
+    model = search_model(init_weights=False)
+    alpha_before = alpha_of(model).detach().clone()
+    args = arguments(
+        tmp_path, max_steps=2, activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": False}
+    )
+    trainer = S3SearchTrainer(model=model, args=args, train_dataset=MarkerTask(32), bilevel="second_order")
+    trainer.train()
+    assert model.base_model.model.is_activation_checkpointing
+    assert not torch.equal(alpha_of(model), alpha_before)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bilevel": "third_order"}, "bilevel='third_order'"),
+        ({"search_split": 1.0}, "search_split=1.0"),
+        ({"search_split": 0}, "search_split=0"),
+        ({"search_split": True}, "search_split=True"),
+        ({"search_split": 0.5, "search_dataset": MarkerTask(4)}, "not both"),
+        ({"alpha_learning_rate": 0.0}, "alpha_learning_rate=0.0"),
+        ({"alpha_learning_rate": float("nan")}, "alpha_learning_rate=nan"),
+        ({"alpha_weight_decay": -1.0}, "alpha_weight_decay=-1.0"),
+        ({"unrolled_learning_rate": -0.1}, "unrolled_learning_rate=-0.1"),
+        ({"finite_difference_epsilon": 0.0}, "finite_difference_epsilon=0.0"),
+        ({"alpha_warmup_steps": -1}, "alpha_warmup_steps=-1"),
+        ({"alpha_warmup_steps": 1.5}, "alpha_warmup_steps=1.5"),
+        ({"search_dataset": MarkerTask(0)}, "search_dataset is empty"),
+    ],
+)
+def test_bad_search_arguments(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        S3SearchTrainer(model=search_model(), args=arguments(tmp_path), train_dataset=MarkerTask(32), **kwargs)
+
+
+def test_bad_models_and_datasets(tmp_path):
+    args = arguments(tmp_path)
+    lora = peft.get_peft_model(TINY_MODELS["bert"](), peft.LoraConfig(target_modules=["query"]))
+    fixed = peft.get_peft_model(
+        TINY_MODELS["bert"](),
+        peft_s3.S3SearchConfig(structure={"bert.encoder.layer.0.attention.self.query": {"lora": 1}}),
+    )
+    for model, message in [
+        (TINY_MODELS["bert"](), "got BertForSequenceClassification"),
+        (lora, "with a LoraModel tuner"),
+        (fixed, "exactly one active search adapter"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            S3SearchTrainer(model=model, args=args, train_dataset=MarkerTask(32))
+    with pytest.raises(ValueError, match="leaves 0 for D_alpha and 1 for D_delta"):
+        S3SearchTrainer(model=search_model(), args=args, train_dataset=MarkerTask(1))
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(MarkerTask(8))
+
+    with pytest.raises(ValueError, match="Pass search_dataset explicitly"):
+        S3SearchTrainer(model=search_model(), args=args, train_dataset=Stream())
+    reentrant = arguments(
+        tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True}
+    )
+    with pytest.raises(ValueError, match="non-reentrant"):
+        S3SearchTrainer(model=search_model(), args=reentrant, train_dataset=MarkerTask(32))
+    trainer = S3SearchTrainer(model=search_model(), args=args, train_dataset=MarkerTask(32), alpha_warmup_steps=4)
+    with pytest.raises(ValueError, match="alpha_warmup_steps=4 leaves no structure-search step"):
+        trainer.train()
+
+
+def test_callback_searches_alongside_a_plain_trainer(tmp_path):
+    model = search_model(init_weights=False)
+    alpha = alpha_of(model)
+    alpha_before = alpha.detach().clone()
+    callback = S3SearchCallback(torch.utils.data.DataLoader(MarkerTask(32, seed=1), batch_size=8, shuffle=True))
+    trainer = Trainer(
+        model=model,
+        args=arguments(tmp_path, max_steps=6, gradient_accumulation_steps=2),
+        train_dataset=MarkerTask(32),
+        callbacks=[callback],
+    )
+    trainer.train()
+    assert not torch.equal(alpha, alpha_before)
+    assert not any(p is alpha for group in trainer.optimizer.param_groups for p in group["params"])
+    assert callback.alpha_lr_scheduler.last_epoch == 6
+    budget = model.base_model.budget()
+    assert abs(model.base_model.gate_bank().expected_num_params().item() - budget) <= 0.01 * budget
+
+
+def test_callback_added_after_init_is_refused(tmp_path):
+    trainer = Trainer(model=search_model(), args=arguments(tmp_path), train_dataset=MarkerTask(32))
+    trainer.add_callback(S3SearchCallback(torch.utils.data.DataLoader(MarkerTask(8), batch_size=4)))
+    with pytest.raises(ValueError, match=r"Trainer\(callbacks=\[...\]\)"):
+        trainer.train()
+
+
+def _ddp_worker(output_dir: str) -> None:
+    """One process of a 2-process gloo run: closed hard gates and no unused-parameter search must not trip DDP."""
+    model = search_model(init_weights=False, hard_gates=True)
+    args = arguments(
+        Path(output_dir), max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        ddp_backend="gloo", ddp_find_unused_parameters=False,
+    )  # fmt: skip
+    trainer = S3SearchTrainer(model=model, args=args, train_dataset=MarkerTask(64), bilevel="second_order")
+    trainer.train()
+    state = torch.cat([alpha_of(model).detach()] + [p.detach().reshape(-1) for p in trainer._delta_parameters])
+    gathered = [torch.empty_like(state) for _ in range(2)]
+    torch.distributed.all_gather(gathered, state)
+    assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
+    assert torch.equal(gathered[0], gathered[1]), "alphas or deltas diverged across processes"
+
+
+@pytest.mark.slow
+def test_two_process_ddp(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", __file__, str(tmp_path)]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    _ddp_worker(sys.argv[1])
