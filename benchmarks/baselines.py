@@ -32,6 +32,7 @@ from transformers import PreTrainedModel
 
 import peft_s3
 from peft_s3.structure import SearchedStructure, gate_report, resolve
+from peft_s3.tuner.search_space import build_search_space
 
 KIND_BASELINES: dict[str, str] = {"bitfit": "bitfit", "lnfit": "lnfit", "adapter-lr": "adapter"}
 """Baseline name -> the candidate kind of which it trains every candidate."""
@@ -42,18 +43,17 @@ BASELINES: tuple[str, ...] = (*LORA_QV_RANKS, *KIND_BASELINES, ALL_LINEAR_BASELI
 
 
 def search_space_report(
-    model: PreTrainedModel,
-    budget: float | int,
-    candidate_kinds: Sequence[str] = peft_s3.MIX_SPACE,
-    task_type: str = "SEQ_CLS",
+    model: PreTrainedModel, candidate_kinds: Sequence[str] = peft_s3.MIX_SPACE, task_type: str = "SEQ_CLS"
 ) -> dict[str, Any]:
-    """The gate report (`peft_s3.structure.gate_report`) of a fresh S3 search adapter with `budget` on a copy of `model`.
+    """The gate report (`peft_s3.structure.gate_report`) of a fresh S3 search adapter on a copy of `model`.
 
-    It lists every candidate of the search space with its module, kind and size (and the untrained p); `model`
-    itself is left untouched. The budget must be valid for a search (at least the smallest candidate, below the
-    whole space); it is the default budget of `random_structure`.
+    It lists every candidate of the search space with its module, kind and size; `model` itself is left untouched.
+    The report's budget is the smallest one a search accepts (the smallest candidate) and means nothing here: the
+    builders below take their budget explicitly.
     """
-    config = peft_s3.S3SearchConfig(budget=budget, candidate_kinds=list(candidate_kinds), task_type=task_type)
+    probe = peft_s3.S3SearchConfig(budget=1, candidate_kinds=list(candidate_kinds), task_type=task_type)
+    smallest = min(candidate.num_params for candidate in build_search_space(model, probe))
+    config = peft_s3.S3SearchConfig(budget=smallest, candidate_kinds=list(candidate_kinds), task_type=task_type)
     return gate_report(peft.get_peft_model(copy.deepcopy(model), config))
 
 
@@ -115,8 +115,8 @@ def build_baseline(
     return peft.get_peft_model(model, baseline_config(name, model, report, task_type))
 
 
-def random_structure(report: dict[str, Any], seed: int, budget: float | int | None = None) -> SearchedStructure:
-    """A random structure of the report's search space within `budget` (default: the report's budget).
+def random_structure(report: dict[str, Any], budget: float | int, seed: int) -> SearchedStructure:
+    """A random structure of the report's search space within `budget` (a fraction < 1 or an absolute count).
 
     The candidates are put in a random order drawn from `seed` and taken greedily while they fit, by the rule
     `peft_s3.resolve` applies to the order of a search's gate probabilities; the result is a maximal structure (no

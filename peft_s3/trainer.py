@@ -69,11 +69,11 @@ def _search_adapter(model: Optional[nn.Module]) -> tuple[S3Model, GateBank, nn.P
 
 
 @contextlib.contextmanager
-def _without_grad(parameters: Sequence[nn.Parameter]) -> Iterator[None]:
-    """Temporarily stop gradients to `parameters` (their backward matmuls are skipped), restoring the flags exactly."""
+def _requires_grad(parameters: Sequence[nn.Parameter], enabled: bool) -> Iterator[None]:
+    """Temporarily set requires_grad of `parameters` (frozen ones cost no weight-gradient matmuls); restores flags."""
     flags = [parameter.requires_grad for parameter in parameters]
     for parameter in parameters:
-        parameter.requires_grad_(False)
+        parameter.requires_grad_(enabled)
     try:
         yield
     finally:
@@ -83,12 +83,22 @@ def _without_grad(parameters: Sequence[nn.Parameter]) -> Iterator[None]:
 
 def _accumulate_gradients(loss_fn: Callable[[Any], torch.Tensor], batches: Sequence[Any]) -> torch.Tensor:
     """Backpropagate the mean loss over `batches`, one micro-batch at a time; returns that mean loss, detached."""
-    total = torch.zeros(())
+    losses = []
     for batch in batches:
         loss = loss_fn(batch) / len(batches)
         loss.backward()
-        total = total.to(loss.device) + loss.detach().float()
-    return total
+        losses.append(loss.detach().float())
+    return torch.stack(losses).sum()
+
+
+def _first_order_alpha_gradient(
+    loss_fn: Callable[[Any], torch.Tensor], alpha: nn.Parameter, deltas: Sequence[nn.Parameter], batches: Sequence[Any]
+) -> torch.Tensor:
+    """Set alpha.grad to the gradient of the mean loss over `batches` at the current delta; returns that loss."""
+    with _requires_grad(deltas, False):
+        loss = _accumulate_gradients(loss_fn, batches)
+    alpha.grad = _pop_gradients([alpha])[0]
+    return loss
 
 
 def _mean_across_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -130,6 +140,12 @@ def _alpha_optimizer(
         weight_decay=weight_decay,
     )
     return optimizer, get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=num_steps)
+
+
+def _apply_alpha_gradient(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def _check_search_hyperparameters(
@@ -178,7 +194,7 @@ def _search_metrics(bank: GateBank) -> dict[str, float]:
 
 
 class _SearchBatches:
-    """Endless stream of D_alpha batches, epoch after epoch, that never touches the global torch RNG.
+    """Endless stream of D_alpha batches, epoch after epoch, that leaves the global CPU RNG untouched.
 
     Creating a DataLoader iterator draws from the global RNG (and a collator may too), so a stream created anew on
     resume would shift the gate noise of the resumed run. Every draw here runs in a forked RNG seeded from
@@ -193,7 +209,8 @@ class _SearchBatches:
         self._iterator: Optional[Iterator] = None
 
     def _reseed(self, index: int) -> None:
-        torch.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % 2**63)
+        # Only the CPU generator: torch.manual_seed would also reseed CUDA, whose state the fork does not restore.
+        torch.default_generator.manual_seed(((self.seed * 1_000_003 + self.epoch) * 1_000_003 + index) % 2**63)
 
     def __next__(self) -> Any:
         with torch.random.fork_rng(devices=[]):
@@ -239,7 +256,8 @@ class S3SearchTrainer(Trainer):
         alpha_learning_rate: Learning rate of the AdamW that updates alpha (decays linearly to 0; paper: 0.1).
         alpha_weight_decay: Weight decay of that AdamW.
         bilevel: `"first_order"` (the alpha gradient at the current delta) or `"second_order"` (DARTS' unrolled
-            gradient, eqs. 10-13, with a finite-difference Hessian-vector product; about 2.5x the cost per step).
+            gradient, eqs. 10-13, with a finite-difference Hessian-vector product). Per optimizer step, first order
+            adds one forward/backward pass to the delta update's, second order adds four.
         unrolled_learning_rate: xi of eqs. 11-13, the step size of the virtual delta update. Default:
             `args.learning_rate`.
         finite_difference_epsilon: The finite-difference step is this divided by the norm of the gradient it
@@ -376,7 +394,7 @@ class S3SearchTrainer(Trainer):
         alpha_names = [name for name, p in self.model.named_parameters() if p is self._alpha]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, alpha_names)
         user_optimizer = self.optimizer is not None
-        with _without_grad([self._alpha]):
+        with _requires_grad([self._alpha], False):
             optimizer = super().create_optimizer(model)
         if user_optimizer and any(p is self._alpha for group in optimizer.param_groups for p in group["params"]):
             raise ValueError(
@@ -420,7 +438,7 @@ class S3SearchTrainer(Trainer):
                 self._step_noise.enter_context(self._tuner.frozen_gate_noise())
                 if self.state.global_step >= self.alpha_warmup_steps:
                     self._alpha_step(model, delta_batches)
-            with _without_grad([self._alpha]):
+            with _requires_grad([self._alpha], False):
                 loss = super().training_step(model, inputs, num_items_in_batch)
         except BaseException:
             self._step_noise.close()
@@ -457,14 +475,10 @@ class S3SearchTrainer(Trainer):
             return self._search_loss(module, batch)
 
         if self.bilevel == "first_order":
-            with _without_grad(self._delta_parameters):
-                loss = _accumulate_gradients(loss_fn, search_batches)
-            self._alpha.grad = _pop_gradients([self._alpha])[0]
+            loss = _first_order_alpha_gradient(loss_fn, self._alpha, self._delta_parameters, search_batches)
         else:
             loss = self._second_order_alpha_gradient(loss_fn, delta_batches, search_batches)
-        self.alpha_optimizer.step()
-        self.alpha_lr_scheduler.step()
-        self.alpha_optimizer.zero_grad(set_to_none=True)
+        _apply_alpha_gradient(self.alpha_optimizer, self.alpha_lr_scheduler)
         self._alpha_loss_sum = loss if self._alpha_loss_sum is None else self._alpha_loss_sum + loss
         self._alpha_loss_steps += 1
 
@@ -480,7 +494,7 @@ class S3SearchTrainer(Trainer):
         xi = self.args.learning_rate if self.unrolled_learning_rate is None else self.unrolled_learning_rate
         snapshot = [p.detach().clone() for p in deltas]
         try:
-            with _without_grad([alpha]):
+            with _requires_grad([alpha], False):
                 _accumulate_gradients(loss_fn, delta_batches)
             _move(deltas, snapshot, -xi, _pop_gradients(deltas))  # delta' = delta - xi grad_delta L_delta
             loss = _accumulate_gradients(loss_fn, search_batches)
@@ -491,7 +505,7 @@ class S3SearchTrainer(Trainer):
             curvature = []
             for sign in (1.0, -1.0):
                 _move(deltas, snapshot, sign * epsilon, direction)  # delta+- = delta +- epsilon v
-                with _without_grad(deltas):
+                with _requires_grad(deltas, False):
                     _accumulate_gradients(loss_fn, delta_batches)
                 curvature.append(_pop_gradients([alpha])[0])  # grad_alpha L_delta(delta+-, alpha)
             alpha.grad = direct - xi * (curvature[0] - curvature[1]) / (2 * epsilon)
@@ -639,13 +653,6 @@ class S3SearchCallback(TrainerCallback):
             return loss
 
         deltas = [p for p in model.parameters() if p.requires_grad]
-        with _without_grad(deltas):
-            self._alpha.requires_grad_(True)
-            try:
-                _accumulate_gradients(loss_fn, batches)
-            finally:
-                self._alpha.requires_grad_(False)
-        self._alpha.grad = _pop_gradients([self._alpha])[0]
-        self.alpha_optimizer.step()
-        self.alpha_lr_scheduler.step()
-        self.alpha_optimizer.zero_grad(set_to_none=True)
+        with _requires_grad([self._alpha], True):
+            _first_order_alpha_gradient(loss_fn, self._alpha, deltas, batches)
+        _apply_alpha_gradient(self.alpha_optimizer, self.alpha_lr_scheduler)

@@ -273,10 +273,14 @@ def test_resume_reaches_the_same_alphas_bit_for_bit(tmp_path, bilevel, accumulat
 
 def test_gradient_accumulation_updates_alpha_once_per_step_on_as_many_batches(tmp_path):
     model = search_model()
-    batch_sizes = []
-    model.base_model.model.register_forward_pre_hook(
-        lambda module, args, kwargs: batch_sizes.append(len(kwargs["input_ids"])), with_kwargs=True
-    )
+    batch_sizes, noises = [], []
+
+    def record(module, args, kwargs):
+        # Runs after the tuner's own pre-hook, which has just drawn (or reused) the gate noise.
+        batch_sizes.append(len(kwargs["input_ids"]))
+        noises.append(model.base_model.gate_bank().noise.clone())
+
+    model.base_model.model.register_forward_pre_hook(record, with_kwargs=True)
     trainer = S3SearchTrainer(
         model=model,
         args=arguments(tmp_path, max_steps=3, per_device_train_batch_size=4, gradient_accumulation_steps=2),
@@ -286,8 +290,13 @@ def test_gradient_accumulation_updates_alpha_once_per_step_on_as_many_batches(tm
     assert trainer.state.global_step == 3
     assert trainer.alpha_lr_scheduler.last_epoch == 3
     assert trainer.alpha_optimizer.state[alpha_of(model)]["step"] == 3
-    # Per optimizer step: two D_alpha micro-batches for alpha, then two D_delta micro-batches for delta.
+    # Per optimizer step: two D_alpha micro-batches for alpha, then two D_delta micro-batches for delta, all on one
+    # gate sample; the next step draws a new one.
     assert batch_sizes == [4] * (3 * (2 + 2))
+    for step in range(3):
+        assert all(torch.equal(noise, noises[4 * step]) for noise in noises[4 * step : 4 * step + 4])
+    assert not torch.equal(noises[0], noises[4])
+    assert not torch.equal(noises[4], noises[8])
 
 
 def test_alpha_warmup_trains_only_deltas_first(tmp_path):
