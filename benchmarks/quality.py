@@ -70,13 +70,15 @@ LABELS = {
     "lnfit": "LNFit",
     "adapter-lr": "Adapter-LR (r=1)",
     "lora-all-linear": "LoRA r=1 (all linears)",
+    TRANSFER: "S3PET-M transferred",
     "s3pet-m": "S3PET-M (Mix space)",
     "s3pet-l": "S3PET-L (LoRA space)",
     RANDOM: "Random (Mix space)",
-    TRANSFER: "S3PET-M transferred",
 }
 HEAD = "classifier"
 RESULTS_FILE = "quality.json"
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+"""Stands for the shipped weights (`peft_s3.data.minilm_path()`), so the JSON names no machine-specific path."""
 
 QUICK_DEFAULTS = {
     "max_train": 96,
@@ -128,7 +130,9 @@ class RunSpec:
 # ----------------------------------------------------------------------------------------------- the grid
 
 
-def plan_runs(settings: Settings, methods: Sequence[str], budgets: Sequence[float], seeds: Sequence[int]) -> list:
+def plan_runs(
+    settings: Settings, methods: Sequence[str], budgets: Sequence[float], seeds: Sequence[int]
+) -> list[RunSpec]:
     """The runs in execution order: seed by seed, so a partial benchmark has balanced seeds."""
     runs = []
     for seed in seeds:
@@ -144,9 +148,7 @@ def plan_runs(settings: Settings, methods: Sequence[str], budgets: Sequence[floa
 
 
 def check_grid(settings: Settings, methods: Sequence[str], budgets: Sequence[float]) -> None:
-    unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        raise ValueError(f"Unknown methods {unknown}; choose from {list(METHODS)}.")
+    """The transfer rows need a second data set and the S3PET-M searches they transfer."""
     if "transfer" in methods:
         if settings.transfer_dataset in (None, settings.dataset):
             raise ValueError(
@@ -208,8 +210,9 @@ class Benchmark:
     def task(self, dataset: str, seed: int) -> ClassificationTask:
         if (dataset, seed) not in self._tasks:
             s = self.settings
+            model = minilm_path() if s.model == DEFAULT_MODEL else s.model
             self._tasks[(dataset, seed)] = load_classification_task(
-                dataset, s.model, seed, s.max_train, s.max_eval, s.max_length
+                dataset, model, seed, s.max_train, s.max_eval, s.max_length
             )
         return self._tasks[(dataset, seed)]
 
@@ -231,16 +234,23 @@ class Benchmark:
         todo = [spec for spec in specs if spec.key not in done]
         print(f"{len(specs) - len(todo)} of {len(specs)} runs already in {self.output_dir / RESULTS_FILE}", flush=True)
         for index, spec in enumerate(todo, 1):
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             with tempfile.TemporaryDirectory() as scratch:
                 record = self.run_one(spec, Path(scratch))
-            record = {**dataclasses.asdict(spec), **record, "wall_seconds": time.perf_counter() - started}
+            record = {
+                **dataclasses.asdict(spec),
+                **record,
+                "wall_seconds": time.perf_counter() - started,
+                # CPU time of all threads: wall time on a machine shared with other jobs says little about cost.
+                "cpu_seconds": time.process_time() - cpu_started,
+            }
             self.runs.append(record)
             self.save()
             print(
                 f"[{index}/{len(todo)}] {spec.method} on {spec.dataset} budget={spec.budget} seed={spec.seed}: "
                 f"test acc {record['test_accuracy']:.4f}, macro-F1 {record['test_macro_f1']:.4f}, "
-                f"{record['trainable_params']:,} params, {record['wall_seconds']:.0f} s",
+                f"{record['trainable_params']:,} params, {record['wall_seconds']:.0f} s wall, "
+                f"{record['cpu_seconds']:.0f} s CPU",
                 flush=True,
             )
 
@@ -305,7 +315,15 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for (dataset, method, budget), group in groups.items():
         row: dict[str, Any] = {"dataset": dataset, "method": method, "budget": budget, "seeds": len(group)}
-        for metric in ("test_accuracy", "test_macro_f1", "trainable_params", "train_seconds", "search_seconds"):
+        for metric in (
+            "test_accuracy",
+            "test_macro_f1",
+            "validation_accuracy",
+            "trainable_params",
+            "train_seconds",
+            "search_seconds",
+            "cpu_seconds",
+        ):
             values = [run[metric] for run in group if metric in run]
             if values:
                 row[metric], row[f"{metric}_std"] = _mean_std(values)
@@ -328,6 +346,17 @@ def _budget(budget: Optional[float]) -> str:
     return "-" if budget is None else f"{budget:g}"
 
 
+def _seconds(row: dict[str, Any], metric: str) -> str:
+    return f"{row[metric]:.0f}" if metric in row else "-"
+
+
+def _per_ten_thousand(params: float, backbone: Optional[float]) -> str:
+    if not backbone:
+        return "-"
+    share = 1e4 * params / backbone
+    return f"{share:,.0f}" if share >= 100 else f"{share:.3g}"
+
+
 def _pm(row: dict[str, Any], metric: str, scale: float = 100.0) -> str:
     std = row[f"{metric}_std"]
     return f"{scale * row[metric]:.2f}" + ("" if math.isnan(std) else f" ± {scale * std:.2f}")
@@ -340,16 +369,16 @@ def markdown(data: dict[str, Any]) -> str:
     backbone = next((r["trainable_params"] for r in rows if r["method"] == FULL_FT), None)
     lines = [
         "| data set | method | budget | trainable params | ‱ of backbone | test acc (%) | test macro-F1 (%) | seeds "
-        "| train s | search s |",
-        "|---|---|---|---:|---:|---|---|---:|---:|---:|",
+        "| train s | search s | CPU s |",
+        "|---|---|---|---:|---:|---|---|---:|---:|---:|---:|",
     ]
     for row in rows:
-        share = f"{1e4 * row['trainable_params'] / backbone:.3g}" if backbone else "-"
-        search = f"{row['search_seconds']:.0f}" if "search_seconds" in row else "-"
+        share = _per_ten_thousand(row["trainable_params"], backbone)
         lines.append(
             f"| {row['dataset']} | {LABELS[row['method']]} | {_budget(row['budget'])} "
             f"| {row['trainable_params']:,.0f} | {share} | {_pm(row, 'test_accuracy')} | {_pm(row, 'test_macro_f1')} "
-            f"| {row['seeds']} | {row['train_seconds']:.0f} | {search} |"
+            f"| {row['seeds']} | {_seconds(row, 'train_seconds')} | {_seconds(row, 'search_seconds')} "
+            f"| {_seconds(row, 'cpu_seconds')} |"
         )
     lines += [
         "",
@@ -370,7 +399,7 @@ def markdown(data: dict[str, Any]) -> str:
     header = [
         "# Quality benchmark results",
         "",
-        f"Model `{Path(settings['model']).name if '/' in settings['model'] else settings['model']}`, data set "
+        f"Model `{settings['model']}`, data set "
         f"`{settings['dataset']}` (transfer: `{settings['transfer_dataset']}`); settings: "
         + ", ".join(f"{k}={v}" for k, v in settings.items() if k not in ("model", "dataset", "transfer_dataset"))
         + ".",
@@ -392,7 +421,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
 
     dataset = data["settings"]["dataset"]
     rows = [row for row in summarize(data["runs"]) if row["dataset"] == dataset]
-    figure, ax = plt.subplots(figsize=(8, 5))
+    figure, ax = plt.subplots(figsize=(10, 5))
     for method, style in (("s3pet-m", "o-"), ("s3pet-l", "s-"), (RANDOM, "x--")):
         series = sorted((r for r in rows if r["method"] == method), key=lambda r: r["trainable_params"])
         if series:
@@ -404,11 +433,18 @@ def plot(data: dict[str, Any], path: Path) -> None:
                 capsize=3,
                 label=LABELS[method],
             )
+    markers = dict(zip(BASELINES, "Dv^<>P", strict=True))
     for row in rows:
         if row["method"] in BASELINES:
-            x, y = row["trainable_params"], 100 * row["test_accuracy"]
-            ax.errorbar(x, y, yerr=100 * _zero_if_nan(row["test_accuracy_std"]), fmt="D", color="gray", capsize=3)
-            ax.annotate(LABELS[row["method"]], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            ax.errorbar(
+                row["trainable_params"],
+                100 * row["test_accuracy"],
+                yerr=100 * _zero_if_nan(row["test_accuracy_std"]),
+                fmt=markers[row["method"]],
+                color="dimgray",
+                capsize=3,
+                label=LABELS[row["method"]],
+            )
         elif row["method"] == FULL_FT:
             mean, std = 100 * row["test_accuracy"], 100 * _zero_if_nan(row["test_accuracy_std"])
             ax.axhline(mean, color="gray", linewidth=1, label=f"{LABELS[FULL_FT]} ({row['trainable_params']:,.0f})")
@@ -416,9 +452,9 @@ def plot(data: dict[str, Any], path: Path) -> None:
     ax.set_xscale("log")
     ax.set_xlabel("trainable parameters (without the classification head)")
     ax.set_ylabel("test accuracy (%), mean ± std over seeds")
-    ax.set_title(f"{Path(data['settings']['model']).name} on {dataset}")
+    ax.set_title(f"{data['settings']['model']} on {dataset}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     figure.tight_layout()
     figure.savefig(path, dpi=150)
     plt.close(figure)
@@ -439,18 +475,18 @@ def write_report(output_dir: Path) -> str:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help="from_pretrained directory (default: shipped MiniLM-L6)")
+    parser.add_argument("--model", default=None, help=f"from_pretrained directory (default: shipped {DEFAULT_MODEL})")
     parser.add_argument("--dataset", default="vader_movies", choices=AVAILABLE_DATASETS)
     parser.add_argument("--transfer-dataset", default="vader_tweets", choices=AVAILABLE_DATASETS)
     parser.add_argument("--transfer-budget", type=float, default=2e-4)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--budgets", nargs="+", type=float, default=[5e-5, 2e-4, 1e-3], help="fractions of backbone")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--max-train", type=int, default=1000, help="training rows (halved for D_alpha in search)")
-    parser.add_argument("--max-eval", type=int, default=500, help="rows of validation and of test")
+    parser.add_argument("--max-train", type=int, default=800, help="training rows (halved for D_alpha in search)")
+    parser.add_argument("--max-eval", type=int, default=400, help="rows of validation and of test")
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--epochs", type=float, default=2.0, help="training epochs of every method and retrain")
-    parser.add_argument("--search-epochs", type=float, default=2.0)
+    parser.add_argument("--epochs", type=float, default=1.5, help="training epochs of every method and retrain")
+    parser.add_argument("--search-epochs", type=float, default=1.5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=1e-3, help="of every PET method, search included")
     parser.add_argument("--full-ft-learning-rate", type=float, default=1e-4)
@@ -472,7 +508,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def settings_from(args: argparse.Namespace) -> Settings:
     names = [field.name for field in dataclasses.fields(Settings)]
     values = {name: getattr(args, name) for name in names if name != "model"}
-    return Settings(model=args.model or minilm_path(), **values)
+    return Settings(model=args.model or DEFAULT_MODEL, **values)
 
 
 def load_previous(path: Path, settings: Settings, resume: bool) -> tuple[list[dict[str, Any]], list[str]]:

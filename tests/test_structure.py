@@ -303,7 +303,10 @@ def test_lora_structure_converts_exactly_with_the_search_scaling() -> None:
         for module in (query, value):
             s3_layer = retrain.base_model.model.get_submodule(module)
             lora_layer = lora.base_model.model.get_submodule(module)
-            s3_layer.s3_lora_B["default"].copy_(torch.randn(s3_layer.s3_lora_B["default"].shape, generator=generator))
+            # Both factors come from the seeded generator: LoRA A's init draws from the global RNG, which depends on
+            # the tests that ran before.
+            for factor in (s3_layer.s3_lora_A["default"], s3_layer.s3_lora_B["default"]):
+                factor.copy_(torch.randn(factor.shape, generator=generator))
             lora_layer.lora_A["default"].weight.copy_(s3_layer.s3_lora_A["default"])
             lora_layer.lora_B["default"].weight.copy_(s3_layer.s3_lora_B["default"])
         # A random head makes the logits large enough to tell the adapted model from the base one.
