@@ -24,7 +24,7 @@ import copy
 import random
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Optional
 
 import peft
 from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
@@ -43,18 +43,25 @@ BASELINES: tuple[str, ...] = (*LORA_QV_RANKS, *KIND_BASELINES, ALL_LINEAR_BASELI
 
 
 def search_space_report(
-    model: PreTrainedModel, candidate_kinds: Sequence[str] = peft_s3.MIX_SPACE, task_type: str = "SEQ_CLS"
+    model: PreTrainedModel,
+    candidate_kinds: Sequence[str] = peft_s3.MIX_SPACE,
+    task_type: str = "SEQ_CLS",
+    modules_to_save: Optional[Sequence[str]] = None,
 ) -> dict[str, Any]:
     """The gate report (`peft_s3.structure.gate_report`) of a fresh S3 search adapter on a copy of `model`.
 
     It lists every candidate of the search space with its module, kind and size; `model` itself is left untouched.
-    The report's budget is the smallest one a search accepts (the smallest candidate) and means nothing here: the
-    builders below take their budget explicitly.
+    `modules_to_save` are trained in full besides the candidates (e.g. a pooler in front of the classifier, which
+    peft adds for SEQ_CLS); every baseline built from the report trains them too. The report's budget is the smallest
+    one a search accepts (the smallest candidate) and means nothing here: the builders take their budget explicitly.
     """
-    probe = peft_s3.S3SearchConfig(budget=1, candidate_kinds=list(candidate_kinds), task_type=task_type)
-    smallest = min(candidate.num_params for candidate in build_search_space(model, probe))
-    config = peft_s3.S3SearchConfig(budget=smallest, candidate_kinds=list(candidate_kinds), task_type=task_type)
-    return gate_report(peft.get_peft_model(copy.deepcopy(model), config))
+    options = {
+        "candidate_kinds": list(candidate_kinds),
+        "task_type": task_type,
+        "modules_to_save": None if modules_to_save is None else list(modules_to_save),
+    }
+    smallest = min(c.num_params for c in build_search_space(model, peft_s3.S3SearchConfig(budget=1, **options)))
+    return gate_report(peft.get_peft_model(copy.deepcopy(model), peft_s3.S3SearchConfig(budget=smallest, **options)))
 
 
 def kind_structure(report: dict[str, Any], kind: str) -> dict[str, dict[str, int]]:
@@ -76,10 +83,13 @@ def baseline_config(
 ) -> peft.PeftConfig:
     """The peft config of the manual baseline `name` (one of `BASELINES`) for `model`, whose search space is `report`.
 
+    The baseline also trains the report's modules_to_save (the classification head), like the searched structures.
+
     Raises:
         ValueError: `name` is unknown, the search space lacks the needed kind, or peft has no default LoRA targets for
             the model type.
     """
+    head = report["config"]["modules_to_save"]
     if name in KIND_BASELINES:
         kind = KIND_BASELINES[name]
         return peft_s3.S3SearchConfig(
@@ -87,6 +97,7 @@ def baseline_config(
             candidate_kinds=[kind],
             adapter_rank=report["config"]["adapter_rank"],
             adapter_activation=report["config"]["adapter_activation"],
+            modules_to_save=head,
             task_type=task_type,
         )
     scaling = lora_candidate_scaling(report)
@@ -104,7 +115,12 @@ def baseline_config(
     else:
         raise ValueError(f"Unknown baseline {name!r}; choose one of {list(BASELINES)}.")
     return peft.LoraConfig(
-        r=rank, lora_alpha=rank * scaling, lora_dropout=0.0, target_modules=targets, task_type=task_type
+        r=rank,
+        lora_alpha=rank * scaling,
+        lora_dropout=0.0,
+        target_modules=targets,
+        modules_to_save=head,
+        task_type=task_type,
     )
 
 

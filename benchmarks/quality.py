@@ -75,7 +75,7 @@ LABELS = {
     "s3pet-l": "S3PET-L (LoRA space)",
     RANDOM: "Random (Mix space)",
 }
-HEAD = "classifier"
+CLASSIFIER = "classifier"
 RESULTS_FILE = "quality.json"
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
 """Stands for the shipped weights (`peft_s3.data.minilm_path()`), so the JSON names no machine-specific path."""
@@ -111,6 +111,7 @@ class Settings:
     alpha_learning_rate: float
     alpha_warmup: float
     tau: float
+    head_modules: list[str]
 
 
 @dataclass(frozen=True)
@@ -219,7 +220,9 @@ class Benchmark:
     def space_report(self, task: ClassificationTask) -> dict[str, Any]:
         """The Mix search space, which depends only on the architecture (and number of labels), not on the seed."""
         if task.dataset not in self._reports:
-            self._reports[task.dataset] = search_space_report(fresh_classifier(task, 0))
+            self._reports[task.dataset] = search_space_report(
+                fresh_classifier(task, 0), modules_to_save=self.settings.head_modules
+            )
         return self._reports[task.dataset]
 
     def save(self) -> None:
@@ -270,7 +273,8 @@ class Benchmark:
                 composition=composition(structure.candidates), structure_params=structure.num_trainable_params
             )
         metrics = train_and_evaluate(model, task, recipe, scratch)
-        return {**extra, "trainable_params": count_trainable_parameters(model, exclude=(HEAD,)), **metrics}
+        head = (CLASSIFIER, *self.settings.head_modules)
+        return {**extra, "trainable_params": count_trainable_parameters(model, exclude=head), **metrics}
 
     def structure_for(
         self, spec: RunSpec, task: ClassificationTask, scratch: Path
@@ -285,6 +289,7 @@ class Benchmark:
             budget=spec.budget,
             candidate_kinds=list(SEARCH_SPACES[spec.method]),
             tau=self.settings.tau,
+            modules_to_save=self.settings.head_modules,
             task_type="SEQ_CLS",
         )
         recipe = self.recipe(spec.seed, epochs=self.settings.search_epochs)
@@ -493,6 +498,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--alpha-learning-rate", type=float, default=0.1)
     parser.add_argument("--alpha-warmup", type=float, default=0.0, help="fraction of search steps without alpha")
     parser.add_argument("--tau", type=float, default=1.0, help="temperature of the shifted global sigmoid")
+    parser.add_argument(
+        "--head-modules",
+        nargs="*",
+        default=["pooler"],
+        help="trained in full with the classifier by every method, not counted (BERT's pooler feeds the classifier)",
+    )
     parser.add_argument("--output-dir", default="benchmarks/results")
     parser.add_argument("--resume", action="store_true", help="keep the runs in quality.json, do only the missing")
     parser.add_argument("--report-only", action="store_true", help="rebuild quality.md / quality.png from the JSON")

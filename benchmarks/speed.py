@@ -372,12 +372,14 @@ def memory_probe(name: str, settings: Settings, structure_file: str, steps: int)
             "measure": measure}  # fmt: skip
 
 
-def measure_memory(settings: Settings, structure: SearchedStructure, steps: int) -> dict[str, dict[str, Any]]:
-    """Runs `memory_probe` for every configuration in its own subprocess."""
+def measure_memory(
+    names: Sequence[str], settings: Settings, structure: SearchedStructure, steps: int
+) -> dict[str, dict[str, Any]]:
+    """Runs `memory_probe` for each configuration of `names` (the reference first) in its own subprocess."""
     results = {}
     with tempfile.TemporaryDirectory() as directory:
         structure_file = str(structure.save(Path(directory) / "structure.json"))
-        for name in CONFIGS:
+        for name in names:
             command = [sys.executable, __file__, *settings_arguments(settings), "--memory-probe", name,
                        "--structure-file", structure_file, "--memory-steps", str(steps)]  # fmt: skip
             completed = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -497,10 +499,14 @@ def target_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     """Each target of issue 5 with the measured value and whether it is met."""
     checks = []
     for name, limit in TIME_TARGETS.items():
+        if name not in results.get("steps", {}):
+            continue
         ratio = results["steps"][name]["ratio"]
         checks.append({"target": f"{name} step <= {limit}x LoRA step", "value": ratio, "met": ratio <= limit})
     if results.get("memory"):
         for name in MEMORY_TARGET_CONFIGS:
+            if name not in results["memory"]:
+                continue
             ratio = results["memory"][name]["peak_ratio"]
             target = f"{name} peak memory <= {MEMORY_TARGET}x LoRA"
             checks.append({"target": target, "value": ratio, "met": ratio <= MEMORY_TARGET})
@@ -528,10 +534,13 @@ def markdown(results: dict[str, Any]) -> str:
         f"{settings['budget']}, {results['num_candidates']} candidates (Mix space, max_rank {settings['max_rank']}); "
         f"{settings['rounds']} interleaved rounds after {settings['warmup']} warm-up steps.",
         "",
-        "| step | median ms | IQR ms | ratio to LoRA (median of rounds) | IQR of ratio | target |",
-        "|---|---:|---:|---:|---:|---|",
     ]
-    for name, row in results["steps"].items():
+    if results.get("steps"):
+        lines += [
+            "| step | median ms | IQR ms | ratio to LoRA (median of rounds) | IQR of ratio | target |",
+            "|---|---:|---:|---:|---:|---|",
+        ]
+    for name, row in results.get("steps", {}).items():
         target = TIME_TARGETS.get(name)
         verdict = "" if target is None else f"<= {target} ({'met' if row['ratio'] <= target else 'missed'})"
         lines.append(
@@ -601,6 +610,9 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--zeta-repeats", type=int, default=50)
     parser.add_argument("--zeta-threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--candidates", type=int, nargs="+", default=list(CANDIDATE_COUNTS))
+    parser.add_argument(
+        "--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help=f"what to run ({REFERENCE} always runs)"
+    )
     parser.add_argument("--skip", nargs="*", choices=["steps", "memory", "zeta"], default=[])
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=None, help="result file stem (default: speed_<device>[_<size>])")
@@ -645,37 +657,36 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     load_start = os.getloadavg()[0]
     command = shlex.join(["python", "benchmarks/speed.py", *(sys.argv[1:] if argv is None else argv)])
+    structure = resolved_structure(settings)
     results: dict[str, Any] = {
         "model": settings.size.description,
         "command": command,
         "machine": machine_info(settings),
         "settings": {**settings.__dict__, "warmup": args.warmup, "rounds": args.rounds},
+        "num_candidates": len(structure.search_space),
+        "retrain_trainable_params": structure.num_trainable_params,
     }
-    structure = resolved_structure(settings)
     batch = make_batch(settings)
-    with tempfile.TemporaryDirectory() as output_dir:
-        trainers = {name: build_trainer(name, settings, batch, output_dir, structure) for name in CONFIGS}
-        search = trainers["s3_first_order"].model.base_model
-        results["num_candidates"] = len(search.candidates())
-        results["retrain_trainable_params"] = structure.num_trainable_params
-        if "steps" not in args.skip:
-            times = time_steps(trainers, batch, settings.device, args.warmup, args.rounds)
-            results["steps"] = step_summary(times)
-        del trainers, search
+    names = [REFERENCE] + [name for name in args.configs if name != REFERENCE]
+    if "steps" not in args.skip:
+        with tempfile.TemporaryDirectory() as output_dir:
+            trainers = {name: build_trainer(name, settings, batch, output_dir, structure) for name in names}
+            results["steps"] = step_summary(time_steps(trainers, batch, settings.device, args.warmup, args.rounds))
+        del trainers
         gc.collect()
     if "memory" not in args.skip:
-        results["memory"] = measure_memory(settings, structure, args.memory_steps)
+        results["memory"] = measure_memory(names, settings, structure, args.memory_steps)
     if "zeta" not in args.skip:
         results["zeta"] = time_zeta_and_resolve(args.candidates, args.zeta_threads, args.zeta_repeats)
         torch.set_num_threads(settings.threads)
     results["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
-    results["targets"] = target_checks(results) if "steps" in results else []
+    results["targets"] = target_checks(results)
 
     size_suffix = "" if settings.model_size == "small" else f"_{settings.model_size}"
     stem = args.name or f"speed_{settings.device}{size_suffix}"
     args.output_dir.mkdir(parents=True, exist_ok=True)
     (args.output_dir / f"{stem}.json").write_text(json.dumps(results, indent=1))
-    report = markdown(results) if "steps" in results else ""
+    report = markdown(results)
     (args.output_dir / f"{stem}.md").write_text(report)
     print(report)
     return results

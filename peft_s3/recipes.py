@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-import numpy as np
 from torch import nn
 from transformers import (
     AutoModelForSequenceClassification,
@@ -25,7 +24,7 @@ from transformers import (
 )
 
 from .data import load_dataset_splits, tokenize_splits
-from .metrics import load_classification_metric
+from .metrics import classification_compute_metrics
 from .structure import SearchedStructure, resolve
 from .trainer import S3SearchTrainer
 from .tuner.config import S3SearchConfig
@@ -103,14 +102,6 @@ def fresh_classifier(task: ClassificationTask, seed: int) -> PreTrainedModel:
     return AutoModelForSequenceClassification.from_pretrained(task.model_path, num_labels=task.num_labels)
 
 
-def _compute_metrics(metric: Any):
-    def compute(prediction) -> dict[str, float]:
-        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        return metric.compute(predictions=np.argmax(logits, axis=-1), references=prediction.label_ids)
-
-    return compute
-
-
 def count_trainable_parameters(model: nn.Module, exclude: tuple[str, ...] = ()) -> int:
     """Trainable parameters whose names contain none of `exclude` (e.g. the classification head)."""
     return sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and not any(e in n for e in exclude))
@@ -156,7 +147,7 @@ def train_and_evaluate(
         args=recipe.arguments(Path(output_dir) / "train"),
         train_dataset=task.splits["train"],
         data_collator=DataCollatorWithPadding(task.tokenizer),
-        compute_metrics=_compute_metrics(load_classification_metric()),
+        compute_metrics=classification_compute_metrics(),
     )
     started = time.perf_counter()
     training = trainer.train()

@@ -391,6 +391,13 @@ class SearchedStructure:
     def __str__(self) -> str:
         return self.table()
 
+    def __repr__(self) -> str:
+        # The dataclass repr would list every scored candidate of the search space.
+        return f"SearchedStructure({self._summary()})"
+
+    def _repr_markdown_(self) -> str:
+        return self.to_markdown()
+
     def to_markdown(self) -> str:
         """The summary and table in Markdown, for model cards."""
         lines = [self._summary(), "", "| stack | layer | position | kind | params | p |", "|---|---|---|---|---|---|"]

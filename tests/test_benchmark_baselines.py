@@ -78,6 +78,15 @@ def test_lora_all_linear_is_the_whole_lora_space(report):
     assert {name for name, module in model.base_model.model.named_modules() if hasattr(module, "lora_A")} == modules
 
 
+def test_every_baseline_and_random_structure_trains_the_report_head():
+    report = baselines.search_space_report(tiny_bert(), modules_to_save=["pooler"])
+    models = [baselines.build_baseline(name, tiny_bert(), report) for name in baselines.BASELINES]
+    models.append(peft_s3.apply_structure(tiny_bert(), baselines.random_structure(report, 200, seed=0)))
+    for model in models:
+        trained = {n.split(".modules_to_save")[0] for n, p in model.named_parameters() if p.requires_grad}
+        assert {"base_model.model.bert.pooler", "base_model.model.classifier"} <= trained
+
+
 def test_unknown_baseline_and_missing_kind_are_clear_errors(report):
     with pytest.raises(ValueError, match="Unknown baseline 'prefix'"):
         baselines.build_baseline("prefix", tiny_bert(), report)

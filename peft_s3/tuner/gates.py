@@ -7,6 +7,8 @@ a handful of tensor ops per step, not a Python loop per candidate.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from itertools import accumulate
 from typing import Optional
 
 import torch
@@ -30,11 +32,14 @@ def solve_zeta(
     linear in both tails: every step keeps a bracket [low, high] around the root and bisects it instead of taking a
     Newton step that would leave it, so it converges for any alphas. Started from `initial` (the previous step's
     zeta: alphas move little per step), it typically takes 1-3 steps of two sigmoids and one matrix-vector product
-    each. The root is found to double precision, so the float32 result does not depend on the starting point. Each
-    step reads two scalars on the host (one GPU synchronisation per step). Requires 0 < budget < sizes.sum().
+    each. The root is found to double precision, so the float32 result does not depend on the starting point.
+
+    The solve runs on the CPU in float64 whatever the device of alpha: its data-dependent loop reads a scalar per
+    step, which on a GPU would be a synchronisation each, while copying alpha over costs one. The result is a 0-dim
+    CPU float32 tensor, which GPU tensor arithmetic takes as a plain scalar. Requires 0 < budget < sizes.sum().
     """
-    scaled = alpha.detach().double() / tau
-    sizes = sizes.double()
+    scaled = alpha.detach().to(device="cpu", dtype=torch.float64) / tau
+    sizes = sizes.to(device="cpu", dtype=torch.float64)
     log_budget = math.log(budget)
     # The expected size is below total * exp(max_i a_i - z), which reaches the budget at `high`; at `low` every gate is
     # at least sigmoid(50), so the expected size exceeds any budget below the space size. (Only cheap reductions
@@ -71,7 +76,7 @@ def solve_zeta(
         if candidate == shift:
             break
         shift = candidate
-    return torch.tensor(shift * tau, dtype=torch.float32, device=alpha.device)
+    return torch.tensor(shift * tau, dtype=torch.float32)
 
 
 def global_probabilities(alpha: torch.Tensor, zeta: torch.Tensor, tau: float) -> torch.Tensor:
@@ -103,9 +108,10 @@ def gate_entropy(p: torch.Tensor) -> torch.Tensor:
 class GateBank:
     """The gates of one adapter: its structural parameters, candidate sizes and budget, and the current gate values.
 
-    The tuner refreshes the bank once per forward pass of the whole model; every S3 layer then reads its contiguous
-    slice of `values`. The uniform noise can be frozen so that several forward passes of one bi-level step see the
-    same binary-concrete sample (paper footnote 6) while the gate values are still recomputed from the current alpha.
+    The tuner refreshes the bank once per forward pass of the whole model; every S3 layer then reads the gates of its
+    candidates of one kind, a contiguous segment of `values`, with `segment`. The uniform noise can be frozen so that
+    several forward passes of one bi-level step see the same binary-concrete sample (paper footnote 6) while the gate
+    values are still recomputed from the current alpha.
     """
 
     def __init__(
@@ -117,16 +123,22 @@ class GateBank:
         tau: float,
         beta: float,
         hard: bool,
+        segment_sizes: Sequence[int],
     ) -> None:
+        """`segment_sizes`: the lengths of the runs of candidates of one kind on one module, in gate order."""
         # The alpha parameter is looked up on each use: peft and accelerate may replace the Parameter object.
         self._alphas = alphas
         self._adapter_name = adapter_name
         self.sizes = sizes
+        self._solver_sizes = sizes.to(device="cpu", dtype=torch.float64)
         self.budget = budget
         self.tau = tau
         self.beta = beta
         self.hard = hard
+        self.segment_sizes = list(segment_sizes)
+        self._segment_index = {start: index for index, start in enumerate(accumulate([0, *self.segment_sizes[:-1]]))}
         self.values: torch.Tensor | None = None
+        self.segments: tuple[torch.Tensor, ...] = ()
         self.zeta: torch.Tensor | None = None
         self.noise: torch.Tensor | None = None
         self.noise_frozen = False
@@ -142,8 +154,7 @@ class GateBank:
 
     def probabilities(self) -> torch.Tensor:
         """Gate probabilities p (differentiable w.r.t. alpha) with zeta solved for the budget."""
-        sizes = self._sizes_on(self.alpha.device)
-        self.zeta = solve_zeta(self.alpha, sizes, self.budget, self.tau, initial=self.zeta)
+        self.zeta = solve_zeta(self.alpha, self._solver_sizes, self.budget, self.tau, initial=self.zeta)
         return global_probabilities(self.alpha.float(), self.zeta, self.tau)
 
     def refresh(self, training: bool) -> None:
@@ -151,10 +162,17 @@ class GateBank:
         p = self.probabilities()
         if not training:
             self.values = p
-            return
-        if self.noise is None or not self.noise_frozen or self.noise.shape != p.shape:
-            self.noise = torch.rand_like(p).clamp(_PROB_EPS, 1 - _PROB_EPS)
-        self.values = binary_concrete(p, self.noise, self.beta, self.hard)
+        else:
+            if self.noise is None or not self.noise_frozen or self.noise.shape != p.shape:
+                self.noise = torch.rand_like(p).clamp(_PROB_EPS, 1 - _PROB_EPS)
+            self.values = binary_concrete(p, self.noise, self.beta, self.hard)
+        # One split for all layers: its backward is a single concatenation, where a slice per layer would cost each
+        # layer a zero-filled gradient of the whole gate vector and an addition.
+        self.segments = self.values.split(self.segment_sizes)
+
+    def segment(self, start: int) -> torch.Tensor:
+        """The current gate values of the segment beginning at gate index `start`."""
+        return self.segments[self._segment_index[start]]
 
     def expected_num_params(self) -> torch.Tensor:
         with torch.no_grad():

@@ -96,7 +96,8 @@ class S3Layer(BaseTunerLayer):
             return torch.zeros(*shape, **factory)
         return torch.randn(*shape, **factory) * 0.1
 
-    def _gates(self, adapter_name: str) -> Optional[torch.Tensor]:
+    def _gate(self, adapter_name: str, kind: str) -> Optional[torch.Tensor]:
+        """The current gates of this module's `kind` candidates; None in fixed-structure mode (open gates)."""
         bank = self.s3_banks[adapter_name]
         if bank is None:
             return None
@@ -105,41 +106,43 @@ class S3Layer(BaseTunerLayer):
                 "S3 gate values are missing: call the model through its PeftModel/S3Model wrapper (which refreshes "
                 "the gates before each forward pass), not a submodule on its own."
             )
-        start, stop = self.s3_gate_span[adapter_name]
-        return bank.values[start:stop]
+        return bank.segment(self.s3_gate_span[adapter_name][0] + self.s3_kind_offsets[adapter_name][kind][0])
 
-    def _gate(self, gates: Optional[torch.Tensor], adapter_name: str, kind: str) -> Optional[torch.Tensor]:
-        if gates is None:
-            return None
-        start, stop = self.s3_kind_offsets[adapter_name][kind]
-        return gates[start:stop]
+    def _gated_bias(self, adapter_name: str) -> torch.Tensor:
+        bias = self.s3_bias[adapter_name]
+        gate = self._gate(adapter_name, "bitfit")
+        return bias if gate is None else bias * gate
 
     def _active(self) -> list[str]:
         return [name for name in self.active_adapters if name in self.s3_kind_offsets]
 
     def _add_output_deltas(self, result: torch.Tensor, x: Optional[torch.Tensor]) -> torch.Tensor:
-        """result + the gated LoRA (needs the input x), BitFit and adapter deltas of every active adapter."""
+        """result + the gated LoRA (needs the input x), BitFit and adapter deltas of every active adapter.
+
+        Gates and scaling multiply the narrow LoRA and adapter bottlenecks, not the full-width outputs, and the BitFit
+        bias rides in the LoRA up-projection, which leaves one full-width addition for LoRA and BitFit together and
+        one for the adapter.
+        """
         out_dtype = result.dtype
         for name in self._active():
-            gates = self._gates(name)
             if name in self.s3_lora_A:
                 lora_a = self.s3_lora_A[name]
                 hidden = F.linear(self.s3_lora_dropout[name](x.to(lora_a.dtype)), lora_a)
-                lora_gate = self._gate(gates, name, "lora")
-                if lora_gate is not None:
-                    hidden = hidden * lora_gate
-                result = result + (F.linear(hidden, self.s3_lora_B[name]) * self.s3_scaling[name]).to(out_dtype)
-            if name in self.s3_bias:
-                bias = self.s3_bias[name]
-                bias_gate = self._gate(gates, name, "bitfit")
-                result = result + (bias if bias_gate is None else bias * bias_gate).to(out_dtype)
+                gate = self._gate(name, "lora")
+                scaling = self.s3_scaling[name]
+                hidden = hidden * (scaling if gate is None else gate * scaling)
+                bias = self._gated_bias(name) if name in self.s3_bias else None
+                result = result + F.linear(hidden, self.s3_lora_B[name], bias).to(out_dtype)
+            elif name in self.s3_bias:
+                result = result + self._gated_bias(name).to(out_dtype)
             if name in self.s3_adapter_down:
                 activation = ACT2FN[self.s3_activation[name]]
                 down = self.s3_adapter_down[name]
                 hidden = activation(F.linear(result.to(down.dtype), down))
-                delta = F.linear(hidden, self.s3_adapter_up[name])
-                adapter_gate = self._gate(gates, name, "adapter")
-                result = result + (delta if adapter_gate is None else delta * adapter_gate).to(out_dtype)
+                gate = self._gate(name, "adapter")
+                if gate is not None:
+                    hidden = hidden * gate
+                result = result + F.linear(hidden, self.s3_adapter_up[name]).to(out_dtype)
         return result
 
     def _check_mergeable(self, adapter_names: list[str]) -> None:
@@ -239,7 +242,7 @@ class S3Norm(nn.Module, S3Layer):
         for name in self._active():
             if name in self.s3_scale:
                 scale = self.s3_scale[name]
-                gate = self._gate(self._gates(name), name, "lnfit")
+                gate = self._gate(name, "lnfit")
                 weight = weight + (scale if gate is None else scale * gate).to(weight.dtype)
         # Running the norm's own forward with a shifted scale works for every norm flavour (LayerNorm, RMSNorm,
         # T5LayerNorm, Gemma's 1 + weight) without re-implementing their normalisation.

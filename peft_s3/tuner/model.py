@@ -101,7 +101,10 @@ class S3Model(BaseTuner):
             alpha = torch.full((len(candidates),), config.alpha_init, device=device)
             # peft freezes inference-mode adapters inside the wrapped model only; alpha lives on the tuner itself.
             self.s3_alpha[adapter_name] = nn.Parameter(alpha, requires_grad=not config.inference_mode)
-            bank = GateBank(self.s3_alpha, adapter_name, sizes, budget, config.tau, config.beta, config.hard_gates)
+            segments = [len(list(run)) for _, run in groupby(candidates, key=lambda c: (c.module, c.kind))]
+            bank = GateBank(
+                self.s3_alpha, adapter_name, sizes, budget, config.tau, config.beta, config.hard_gates, segments
+            )
         self._s3_candidates[adapter_name] = candidates
         self._s3_banks[adapter_name] = bank
         plan = {}
