@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import datasets
 import torch
 from baselines import BASELINES, build_baseline, composition, random_structure, search_space_report
 from transformers.utils import logging as transformers_logging
@@ -199,7 +200,9 @@ class Benchmark:
         self._tasks: dict[tuple[str, int], ClassificationTask] = {}
         self._reports: dict[str, dict[str, Any]] = {}
 
-    def recipe(self, seed: int, learning_rate: Optional[float] = None, epochs: Optional[float] = None):
+    def recipe(
+        self, seed: int, learning_rate: Optional[float] = None, epochs: Optional[float] = None
+    ) -> TrainingRecipe:
         return TrainingRecipe(
             epochs=self.settings.epochs if epochs is None else epochs,
             batch_size=self.settings.batch_size,
@@ -493,7 +496,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--epochs", type=float, default=1.5, help="training epochs of every method and retrain")
     parser.add_argument("--search-epochs", type=float, default=1.5)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--learning-rate", type=float, default=1e-3, help="of every PET method, search included")
+    parser.add_argument("--learning-rate", type=float, default=3e-3, help="of every PET method, search included")
     parser.add_argument("--full-ft-learning-rate", type=float, default=1e-4)
     parser.add_argument("--alpha-learning-rate", type=float, default=0.1)
     parser.add_argument("--alpha-warmup", type=float, default=0.0, help="fraction of search steps without alpha")
@@ -551,7 +554,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         check_grid(settings, args.methods, args.budgets)
         output_dir.mkdir(parents=True, exist_ok=True)
         runs, commands = load_previous(output_dir / RESULTS_FILE, settings, args.resume)
+        # Keeps the log to the per-run lines and the Trainer's loss logs.
         transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+        datasets.disable_progress_bars()
         benchmark = Benchmark(settings, output_dir, runs, [*commands, shlex.join(["python", sys.argv[0], *argv])])
         benchmark.save()
         benchmark.run_all(plan_runs(settings, args.methods, args.budgets, args.seeds))

@@ -32,7 +32,6 @@ import json
 import os
 import platform
 import re
-import resource
 import shlex
 import statistics
 import subprocess
@@ -331,17 +330,12 @@ def step_summary(times: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------ memory
 
 
-def _resident_kib() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * int(Path("/proc/self/statm").read_text().split()[1]) // 1024
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark (VmHWM, which ru_maxrss reports) to the current RSS; False if unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
+def _process_memory_kib(field: str) -> int:
+    """A memory field of /proc/self/status (Linux), e.g. VmRSS (resident now) or VmHWM (peak resident), in KiB."""
+    found = re.search(rf"^{field}:\s+(\d+) kB", Path("/proc/self/status").read_text(), re.MULTILINE)
+    if found is None:
+        raise RuntimeError(f"/proc/self/status has no {field}; the CPU memory probe needs Linux (or --skip memory).")
+    return int(found.group(1))
 
 
 def memory_probe(name: str, settings: Settings, structure_file: str, steps: int) -> dict[str, Any]:
@@ -356,20 +350,23 @@ def memory_probe(name: str, settings: Settings, structure_file: str, steps: int)
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         else:
-            before = _resident_kib() * 1024
-            reset = _reset_peak_rss()
+            before = _process_memory_kib("VmRSS") * 1024
+            # Resets the peak (VmHWM) to the current RSS, so model construction transients do not count. Not
+            # ru_maxrss: after fork and exec it also holds the parent's peak, i.e. the benchmark's own process.
+            Path("/proc/self/clear_refs").write_text("5")
         for _ in range(steps):
             optimizer_step(trainer, batch)
         synchronize(settings.device)
         if settings.device == "cuda":
-            peak = torch.cuda.max_memory_allocated()
-            measure = "torch.cuda.max_memory_allocated"
+            peak, measure = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
         else:
-            # ru_maxrss is in KiB on Linux.
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-            measure = "peak RSS (ru_maxrss), reset after set-up" if reset else "peak RSS (ru_maxrss) of the process"
-    return {"peak_mib": peak / 2**20, "after_setup_mib": before / 2**20, "growth_mib": (peak - before) / 2**20,
-            "measure": measure}  # fmt: skip
+            peak, measure = _process_memory_kib("VmHWM") * 1024, "peak RSS (VmHWM), reset after set-up"
+    return {
+        "peak_mib": peak / 2**20,
+        "after_setup_mib": before / 2**20,
+        "growth_mib": (peak - before) / 2**20,
+        "measure": measure,
+    }
 
 
 def measure_memory(
