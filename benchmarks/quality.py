@@ -292,7 +292,8 @@ class Benchmark:
             budget=spec.budget,
             candidate_kinds=list(SEARCH_SPACES[spec.method]),
             tau=self.settings.tau,
-            modules_to_save=self.settings.head_modules,
+            # A copy: peft appends the classifier to the config's list in place.
+            modules_to_save=list(self.settings.head_modules),
             task_type="SEQ_CLS",
         )
         recipe = self.recipe(spec.seed, epochs=self.settings.search_epochs)

@@ -79,7 +79,9 @@ def test_lora_all_linear_is_the_whole_lora_space(report):
 
 
 def test_every_baseline_and_random_structure_trains_the_report_head():
-    report = baselines.search_space_report(tiny_bert(), modules_to_save=["pooler"])
+    head = ["pooler"]
+    report = baselines.search_space_report(tiny_bert(), modules_to_save=head)
+    assert head == ["pooler"]  # peft extends the config's list in place; the caller's must stay as it was
     models = [baselines.build_baseline(name, tiny_bert(), report) for name in baselines.BASELINES]
     models.append(peft_s3.apply_structure(tiny_bert(), baselines.random_structure(report, 200, seed=0)))
     for model in models:
