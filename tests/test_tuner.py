@@ -582,3 +582,12 @@ def test_gradient_checkpointing_matches_plain_run() -> None:
     torch.testing.assert_close(ckpt_loss, plain_loss)
     torch.testing.assert_close(ckpt_grad, plain_grad)
     assert plain_grad.abs().sum() > 0
+
+
+def test_config_does_not_share_the_callers_modules_to_save_list() -> None:
+    heads = ["pooler"]
+    model = peft.get_peft_model(
+        TINY_MODELS["bert"](), S3SearchConfig(budget=0.05, modules_to_save=heads, task_type="SEQ_CLS")
+    )
+    assert heads == ["pooler"]
+    assert "classifier" in model.peft_config["default"].modules_to_save

@@ -146,6 +146,9 @@ class S3SearchConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.S3
+        # peft appends the classifier names to modules_to_save in place; a copy keeps the caller's list intact.
+        if self.modules_to_save is not None:
+            self.modules_to_save = list(self.modules_to_save)
         if isinstance(self.candidate_kinds, str):
             self.candidate_kinds = [self.candidate_kinds]
         self.candidate_kinds = list(self.candidate_kinds)
