@@ -211,6 +211,11 @@ def _candidates_of(rows: list[dict[str, Any]]) -> list[Candidate]:
     return candidates
 
 
+def _fields(candidate: Candidate) -> dict[str, Any]:
+    # dataclasses.asdict deep-copies every field and dominated resolve's run time on large search spaces.
+    return {field_.name: getattr(candidate, field_.name) for field_ in dataclasses.fields(candidate)}
+
+
 def resolve(
     model_or_checkpoint: Any,
     budget: Optional[Union[int, float]] = None,
@@ -259,7 +264,7 @@ def resolve(
             f"fewer than the smallest candidate ({smallest}): no structure fits. Use a budget >= {smallest}."
         )
     search_space = [
-        ScoredCandidate(**dataclasses.asdict(candidate), p=row["p"], selected=index in chosen)
+        ScoredCandidate(**_fields(candidate), p=row["p"], selected=index in chosen)
         for index, (candidate, row) in enumerate(zip(candidates, rows, strict=True))
     ]
     modules = {c.module for c in search_space if c.selected}
