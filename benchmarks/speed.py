@@ -7,8 +7,9 @@ AdamW, learning-rate schedule, as `transformers.Trainer` does), through the code
   reference; `transformers.Trainer.training_step`).
 * `s3_gated`: a gated forward+backward of the S3 search model, i.e. the delta update of an alpha warm-up step
   (`S3SearchTrainer.training_step` with no alpha update).
-* `s3_first_order` / `s3_second_order`: a full bi-level optimizer step of `S3SearchTrainer` (alpha update on a
-  D_alpha batch, then the delta update).
+* `s3_first_order` / `s3_second_order` / `s3_second_order_forward`: a full bi-level optimizer step of
+  `S3SearchTrainer` (alpha update on a D_alpha batch, then the delta update); second order with the central finite
+  difference of eq. 13 (the default) and with the forward difference.
 * `retrain`: training the fixed structure resolved from the search (`peft_s3.apply_structure`).
 
 After warm-up the configurations are timed interleaved (A B C ... A B C ...), so a change of machine load hits all of
@@ -63,11 +64,11 @@ from peft_s3.structure import SearchedStructure
 from peft_s3.tuner.gates import solve_zeta
 from peft_s3.tuner.search_space import build_search_space
 
-CONFIGS = ("lora", "s3_gated", "s3_first_order", "s3_second_order", "retrain")
+CONFIGS = ("lora", "s3_gated", "s3_first_order", "s3_second_order", "s3_second_order_forward", "retrain")
 REFERENCE = "lora"
-TIME_TARGETS = {"s3_gated": 1.15, "s3_first_order": 2.5, "s3_second_order": 4.0}
+TIME_TARGETS = {"s3_gated": 1.15, "s3_first_order": 2.5, "s3_second_order": 4.0, "s3_second_order_forward": 4.0}
 MEMORY_TARGET = 1.3
-MEMORY_TARGET_CONFIGS = ("s3_first_order", "s3_second_order")
+MEMORY_TARGET_CONFIGS = ("s3_first_order", "s3_second_order", "s3_second_order_forward")
 ZETA_TARGET_MS = 1.0
 ZETA_TARGET_CANDIDATES = 10_000
 CANDIDATE_COUNTS = (1_000, 10_000, 100_000)
@@ -244,13 +245,13 @@ def build_trainer(
     elif name == "retrain":
         trainer = Trainer(model=peft_s3.apply_structure(base, structure), args=args, train_dataset=rows)
     else:
-        bilevel = "second_order" if name == "s3_second_order" else "first_order"
         trainer = peft_s3.S3SearchTrainer(
             model=peft.get_peft_model(base, search_config(settings)),
             args=args,
             train_dataset=rows,
             search_dataset=rows,
-            bilevel=bilevel,
+            bilevel="second_order" if name.startswith("s3_second_order") else "first_order",
+            finite_difference="forward" if name == "s3_second_order_forward" else "central",
             # A gated step is the delta update of an alpha warm-up step: no alpha update while global_step is 0.
             alpha_warmup_steps=1 if name == "s3_gated" else 0,
         )

@@ -43,6 +43,7 @@ from .tuner.model import S3Model
 logger = logging.get_logger(__name__)
 
 BILEVEL_MODES = ("first_order", "second_order")
+FINITE_DIFFERENCES = ("central", "forward")
 SEARCH_STATE_NAME = "s3_search_state.pt"
 _DEFAULT_SEARCH_SPLIT = 0.5
 # Guards the finite-difference step eps / ||v|| when v vanishes; the Hessian term is then exactly zero anyway.
@@ -81,14 +82,18 @@ def _requires_grad(parameters: Sequence[nn.Parameter], enabled: bool) -> Iterato
             parameter.requires_grad_(flag)
 
 
-def _accumulate_gradients(loss_fn: Callable[[Any], torch.Tensor], batches: Sequence[Any]) -> torch.Tensor:
-    """Backpropagate the mean loss over `batches`, one micro-batch at a time; returns that mean loss, detached."""
+def _accumulate_gradients(loss_fn: Callable[[Any], torch.Tensor], batches: Sequence[Any]) -> list[torch.Tensor]:
+    """Backpropagate the mean loss over `batches`, one micro-batch at a time.
+
+    Returns each micro-batch's share of that mean (its loss / len(batches)), detached: what `Trainer.training_step`
+    returns for a micro-batch, and they sum to the mean loss.
+    """
     losses = []
     for batch in batches:
         loss = loss_fn(batch) / len(batches)
         loss.backward()
         losses.append(loss.detach().float())
-    return torch.stack(losses).sum()
+    return losses
 
 
 def _first_order_alpha_gradient(
@@ -96,7 +101,7 @@ def _first_order_alpha_gradient(
 ) -> torch.Tensor:
     """Set alpha.grad to the gradient of the mean loss over `batches` at the current delta; returns that loss."""
     with _requires_grad(deltas, False):
-        loss = _accumulate_gradients(loss_fn, batches)
+        loss = torch.stack(_accumulate_gradients(loss_fn, batches)).sum()
     alpha.grad = _pop_gradients([alpha])[0]
     return loss
 
@@ -257,9 +262,16 @@ class S3SearchTrainer(Trainer):
         alpha_weight_decay: Weight decay of that AdamW.
         bilevel: `"first_order"` (the alpha gradient at the current delta) or `"second_order"` (DARTS' unrolled
             gradient, eqs. 10-13, with a finite-difference Hessian-vector product). Per optimizer step, first order
-            adds one forward/backward pass to the delta update's, second order adds four.
+            takes two forward/backward passes (alpha on D_alpha, then delta on D_delta at the updated alpha). Second
+            order follows Algorithm 1 and footnote 6: it computes grad_delta L_delta(delta, alpha) once, for the
+            virtual step and for the delta update, which makes four passes with the central difference of eq. 13
+            and three with the forward difference.
         unrolled_learning_rate: xi of eqs. 11-13, the step size of the virtual delta update. Default:
             `args.learning_rate`.
+        finite_difference: How second order approximates the Hessian-vector product: `"central"` (eq. 13, error
+            O(epsilon^2), two extra passes) or `"forward"` ((grad_alpha L_delta(delta+) - grad_alpha
+            L_delta(delta)) / epsilon, error O(epsilon), one extra pass: grad_alpha L_delta(delta) comes with the
+            delta gradient).
         finite_difference_epsilon: The finite-difference step is this divided by the norm of the gradient it
             perturbs along, as in DARTS.
         alpha_warmup_steps: Optimizer steps at the start during which only delta trains. Deltas start at zero (the
@@ -296,6 +308,7 @@ class S3SearchTrainer(Trainer):
         alpha_weight_decay: float = 0.0,
         bilevel: str = "first_order",
         unrolled_learning_rate: Optional[float] = None,
+        finite_difference: str = "central",
         finite_difference_epsilon: float = 0.01,
         alpha_warmup_steps: int = 0,
         **kwargs: Any,
@@ -303,6 +316,10 @@ class S3SearchTrainer(Trainer):
         _check_search_hyperparameters(alpha_learning_rate, alpha_weight_decay, alpha_warmup_steps)
         if bilevel not in BILEVEL_MODES:
             raise ValueError(f"bilevel={bilevel!r} is not allowed: choose one of {list(BILEVEL_MODES)}.")
+        if finite_difference not in FINITE_DIFFERENCES:
+            raise ValueError(
+                f"finite_difference={finite_difference!r} is not allowed: choose one of {list(FINITE_DIFFERENCES)}."
+            )
         if unrolled_learning_rate is not None and not (
             isinstance(unrolled_learning_rate, (int, float)) and 0 < unrolled_learning_rate < math.inf
         ):
@@ -336,6 +353,7 @@ class S3SearchTrainer(Trainer):
         self.alpha_weight_decay = alpha_weight_decay
         self.bilevel = bilevel
         self.unrolled_learning_rate = unrolled_learning_rate
+        self.finite_difference = finite_difference
         self.finite_difference_epsilon = finite_difference_epsilon
         self.alpha_warmup_steps = alpha_warmup_steps
         if search_dataset is None:
@@ -353,6 +371,8 @@ class S3SearchTrainer(Trainer):
         self._search_stream_state: dict[str, int] = {}
         # The D_delta micro-batches of the coming optimizer step, handed over by get_batch_samples.
         self._step_delta_batches: Optional[list[Any]] = None
+        # Second order: the step's D_delta micro-batch losses, whose delta gradient is already in place.
+        self._computed_delta_losses: list[torch.Tensor] = []
         self._step_noise = contextlib.ExitStack()
         self._alpha_loss_sum: Optional[torch.Tensor] = None
         self._alpha_loss_steps = 0
@@ -431,16 +451,24 @@ class S3SearchTrainer(Trainer):
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: Optional[Any] = None
     ) -> torch.Tensor:
-        """One delta micro-batch; the first micro-batch of an optimizer step updates alpha beforehand."""
+        """One delta micro-batch; the first micro-batch of an optimizer step updates alpha beforehand.
+
+        In second order that alpha update already computed the step's delta gradient, which is left in place for the
+        optimizer, so the micro-batches then only report their losses.
+        """
         try:
             if self._step_delta_batches is not None:
                 delta_batches, self._step_delta_batches = self._step_delta_batches, None
                 self._step_noise.enter_context(self._tuner.frozen_gate_noise())
                 if self.state.global_step >= self.alpha_warmup_steps:
                     self._alpha_step(model, delta_batches)
-            with _requires_grad([self._alpha], False):
-                loss = super().training_step(model, inputs, num_items_in_batch)
+            if self._computed_delta_losses:
+                loss = self._computed_delta_losses.pop(0)
+            else:
+                with _requires_grad([self._alpha], False):
+                    loss = super().training_step(model, inputs, num_items_in_batch)
         except BaseException:
+            self._computed_delta_losses = []
             self._step_noise.close()
             raise
         if self.accelerator.sync_gradients:
@@ -476,45 +504,60 @@ class S3SearchTrainer(Trainer):
 
         if self.bilevel == "first_order":
             loss = _first_order_alpha_gradient(loss_fn, self._alpha, self._delta_parameters, search_batches)
+            _apply_alpha_gradient(self.alpha_optimizer, self.alpha_lr_scheduler)
         else:
-            loss = self._second_order_alpha_gradient(loss_fn, delta_batches, search_batches)
-        _apply_alpha_gradient(self.alpha_optimizer, self.alpha_lr_scheduler)
+            loss, delta_gradient, self._computed_delta_losses = self._second_order_alpha_gradient(
+                loss_fn, delta_batches, search_batches
+            )
+            _apply_alpha_gradient(self.alpha_optimizer, self.alpha_lr_scheduler)
+            # Algorithm 1, step 4: delta descends grad_delta L_delta(delta, alpha), taken before alpha moved.
+            for parameter, gradient in zip(self._delta_parameters, delta_gradient, strict=True):
+                parameter.grad = gradient
         self._alpha_loss_sum = loss if self._alpha_loss_sum is None else self._alpha_loss_sum + loss
         self._alpha_loss_steps += 1
 
     def _second_order_alpha_gradient(
         self, loss_fn: Callable[[Any], torch.Tensor], delta_batches: list[Any], search_batches: list[Any]
-    ) -> torch.Tensor:
-        """Set alpha.grad to DARTS' unrolled gradient (eq. 13); returns L_alpha at the unrolled delta'.
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Set alpha.grad to DARTS' unrolled gradient (eq. 13).
 
-        Only the delta tensors are perturbed, in place, and copied back from a snapshot, so the model ends bit for
-        bit where it started. Cost: four forward/backward passes before the regular delta step.
+        Returns L_alpha at the unrolled delta', grad_delta L_delta(delta, alpha) (process-averaged), and the D_delta
+        micro-batch losses it came from. Only the delta tensors are perturbed, in place, and copied back from a
+        snapshot, so the model ends bit for bit where it started, with no gradients set.
         """
         alpha, deltas = self._alpha, self._delta_parameters
         xi = self.args.learning_rate if self.unrolled_learning_rate is None else self.unrolled_learning_rate
+        forward = self.finite_difference == "forward"
         snapshot = [p.detach().clone() for p in deltas]
         try:
-            with _requires_grad([alpha], False):
-                _accumulate_gradients(loss_fn, delta_batches)
-            _move(deltas, snapshot, -xi, _pop_gradients(deltas))  # delta' = delta - xi grad_delta L_delta
-            loss = _accumulate_gradients(loss_fn, search_batches)
+            with _requires_grad([alpha], forward):
+                delta_losses = _accumulate_gradients(loss_fn, delta_batches)
+            delta_gradient = _pop_gradients(deltas)
+            # grad_alpha L_delta(delta, alpha), the forward difference's base point, from the same pass.
+            base = _pop_gradients([alpha])[0] if forward else None
+            _move(deltas, snapshot, -xi, delta_gradient)  # delta' = delta - xi grad_delta L_delta
+            loss = torch.stack(_accumulate_gradients(loss_fn, search_batches)).sum()
             direct = _pop_gradients([alpha])[0]  # grad_alpha L_alpha(delta', alpha)
             direction = _pop_gradients(deltas)  # v = grad_delta' L_alpha(delta', alpha)
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in direction]))
             epsilon = self.finite_difference_epsilon / norm.clamp_min(_MIN_NORM)
             curvature = []
-            for sign in (1.0, -1.0):
+            for sign in (1.0,) if forward else (1.0, -1.0):
                 _move(deltas, snapshot, sign * epsilon, direction)  # delta+- = delta +- epsilon v
                 with _requires_grad(deltas, False):
                     _accumulate_gradients(loss_fn, delta_batches)
                 curvature.append(_pop_gradients([alpha])[0])  # grad_alpha L_delta(delta+-, alpha)
-            alpha.grad = direct - xi * (curvature[0] - curvature[1]) / (2 * epsilon)
+            if forward:
+                hessian_vector = (curvature[0] - base) / epsilon
+            else:
+                hessian_vector = (curvature[0] - curvature[1]) / (2 * epsilon)
+            alpha.grad = direct - xi * hessian_vector
         finally:
             with torch.no_grad():
                 for parameter, start in zip(deltas, snapshot, strict=True):
                     parameter.copy_(start)
                     parameter.grad = None
-        return loss
+        return loss, delta_gradient, delta_losses
 
     # ------------------------------------------------------------------ logging and checkpoints
 
