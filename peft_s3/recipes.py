@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import torch
 from torch import nn
 from transformers import (
     AutoModelForSequenceClassification,
@@ -32,13 +33,18 @@ from .tuner.config import S3SearchConfig
 
 @dataclass
 class ClassificationTask:
-    """A tokenized data set with train / validation / test splits and the model it is tokenized for."""
+    """A tokenized data set with train / validation / test splits and the model it is tokenized for.
+
+    `gguf_file` names the weights file inside `model_path` when the model ships as GGUF (SmolLM2 in
+    `peft_s3.data.smollm2_gguf()`); transformers de-quantizes it to float32 when loading.
+    """
 
     model_path: str
     dataset: str
     tokenizer: PreTrainedTokenizerBase
     splits: Any
     label_names: list[str]
+    gguf_file: Optional[str] = None
 
     @property
     def num_labels(self) -> int:
@@ -86,20 +92,34 @@ def load_classification_task(
     max_train: Optional[int] = None,
     max_eval: Optional[int] = None,
     max_length: int = 128,
+    gguf_file: Optional[str] = None,
 ) -> ClassificationTask:
     """Seeded splits of one of `peft_s3.data.AVAILABLE_DATASETS`, tokenized for the model at `model_path`."""
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(model_path, gguf_file=gguf_file)
+    if tokenizer.pad_token is None:
+        # Decoder tokenizers may have no padding token. Their classifiers read the last token that is not padding,
+        # so padding with end-of-sequence leaves every prediction as it is.
+        tokenizer.pad_token = tokenizer.eos_token
     splits = load_dataset_splits(dataset, seed=seed, max_train=max_train, max_eval=max_eval)
     label_names = list(splits["train"].features["label"].names)
     return ClassificationTask(
-        model_path, dataset, tokenizer, tokenize_splits(splits, tokenizer, max_length), label_names
+        model_path, dataset, tokenizer, tokenize_splits(splits, tokenizer, max_length), label_names, gguf_file
     )
 
 
 def fresh_classifier(task: ClassificationTask, seed: int) -> PreTrainedModel:
-    """The pretrained backbone with a newly initialised classification head (seeded, so runs are repeatable)."""
+    """The pretrained backbone with a newly initialised classification head (seeded, so runs are repeatable).
+
+    The model learns the tokenizer's padding id: a decoder's classifier finds each sequence's last real token by it.
+    """
     set_seed(seed)
-    return AutoModelForSequenceClassification.from_pretrained(task.model_path, num_labels=task.num_labels)
+    return AutoModelForSequenceClassification.from_pretrained(
+        task.model_path,
+        num_labels=task.num_labels,
+        gguf_file=task.gguf_file,
+        pad_token_id=task.tokenizer.pad_token_id,
+        dtype=torch.float32,
+    )
 
 
 def count_trainable_parameters(model: nn.Module, exclude: tuple[str, ...] = ()) -> int:

