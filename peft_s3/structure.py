@@ -211,9 +211,13 @@ def _candidates_of(rows: list[dict[str, Any]]) -> list[Candidate]:
     return candidates
 
 
+_CANDIDATE_FIELDS = tuple(field_.name for field_ in dataclasses.fields(Candidate))
+
+
 def _fields(candidate: Candidate) -> dict[str, Any]:
-    # dataclasses.asdict deep-copies every field and dominated resolve's run time on large search spaces.
-    return {field_.name: getattr(candidate, field_.name) for field_ in dataclasses.fields(candidate)}
+    # Neither dataclasses.asdict (a deep copy per field) nor dataclasses.fields per call: either dominated resolve's
+    # run time on search spaces of 100k candidates.
+    return {name: getattr(candidate, name) for name in _CANDIDATE_FIELDS}
 
 
 def resolve(
