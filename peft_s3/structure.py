@@ -9,6 +9,7 @@ save or push a retrained adapter together with its structure and a model-card se
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import re
 import tempfile
@@ -30,6 +31,7 @@ from .tuner.search_space import Candidate, is_linear, is_norm
 
 GATE_REPORT_FILE = "s3_gates.json"
 STRUCTURE_FILE = "s3_structure.json"
+STRUCTURE_FIGURE = "s3_structure.png"
 MODEL_CARD_HEADING = "## S3 searched structure"
 _MODEL_CARD_END = "<!-- end of S3 searched structure -->"
 
@@ -576,7 +578,10 @@ def apply_structure(base_model: nn.Module, structure: SearchedStructure, adapter
 
 
 def write_model_card(save_directory: Union[str, Path], structure: SearchedStructure) -> Path:
-    """Add (or replace) the "S3 searched structure" section of `save_directory/README.md`; returns the file."""
+    """Add (or replace) the "S3 searched structure" section of `save_directory/README.md`; returns the file.
+
+    The section shows the heatmap `save_directory/s3_structure.png` when that file exists.
+    """
     path = Path(save_directory) / "README.md"
     section = "\n".join(
         [
@@ -587,6 +592,11 @@ def write_model_card(save_directory: Union[str, Path], structure: SearchedStruct
             "",
             structure.to_markdown(),
             "",
+            *(
+                [f"![S3 searched structure: selected candidates per layer and position]({STRUCTURE_FIGURE})", ""]
+                if (Path(save_directory) / STRUCTURE_FIGURE).is_file()
+                else []
+            ),
             f"`{STRUCTURE_FILE}` holds it: `peft_s3.structure.SearchedStructure.load(path)` reads it and "
             "`peft_s3.structure.apply_structure(base_model, structure)` builds it afresh for retraining.",
             _MODEL_CARD_END,
@@ -610,11 +620,25 @@ def write_model_card(save_directory: Union[str, Path], structure: SearchedStruct
 
 
 def save_pretrained_with_structure(
-    peft_model: PeftModel, save_directory: Union[str, Path], structure: SearchedStructure, **kwargs: Any
+    peft_model: PeftModel,
+    save_directory: Union[str, Path],
+    structure: SearchedStructure,
+    figure: bool = True,
+    **kwargs: Any,
 ) -> None:
-    """`peft_model.save_pretrained(save_directory, **kwargs)`, plus s3_structure.json and the model-card section."""
+    """`peft_model.save_pretrained(save_directory, **kwargs)`, plus s3_structure.json and the model-card section.
+
+    With `figure` (and matplotlib installed: `pip install peft-s3[plot]`) it also draws the structure's heatmap to
+    s3_structure.png, which the model card shows.
+    """
     peft_model.save_pretrained(str(save_directory), **kwargs)
     structure.save(save_directory)
+    if figure and importlib.util.find_spec("matplotlib") is not None:
+        import matplotlib.pyplot as plt
+
+        from .plotting import plot_structure  # plotting builds on this module
+
+        plt.close(plot_structure(structure, value="selected", path=Path(save_directory) / STRUCTURE_FIGURE))
     write_model_card(save_directory, structure)
 
 

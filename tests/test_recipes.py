@@ -1,4 +1,4 @@
-"""The shared classification recipe (peft_s3.recipes) on a tiny decoder saved with a tokenizer that has no pad token."""
+"""The shared classification recipe (peft_s3.recipes) on a tiny decoder whose tokenizer has no pad token."""
 
 import re
 from collections import Counter

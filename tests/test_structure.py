@@ -22,6 +22,7 @@ from peft_s3.structure import (
     GATE_REPORT_FILE,
     LORA_CONVERSION_LIMITS,
     MODEL_CARD_HEADING,
+    STRUCTURE_FIGURE,
     STRUCTURE_FILE,
     SearchedStructure,
     apply_structure,
@@ -464,6 +465,9 @@ def test_save_pretrained_with_structure_writes_model_card_section(tmp_path: Path
     readme = (tmp_path / "README.md").read_text()
     assert readme.count(MODEL_CARD_HEADING) == 1
     assert structure.to_markdown() in readme
+    # The heatmap is drawn next to the adapter and shown in the card.
+    assert (tmp_path / STRUCTURE_FIGURE).read_bytes().startswith(b"\x89PNG")
+    assert f"]({STRUCTURE_FIGURE})" in readme
     # peft's own card survives, metadata included.
     assert ModelCard.load(tmp_path / "README.md").data.library_name == "peft"
     assert "### Framework versions" in readme
@@ -480,6 +484,10 @@ def test_save_pretrained_with_structure_writes_model_card_section(tmp_path: Path
     (tmp_path / "fresh").mkdir()
     write_model_card(tmp_path / "fresh", structure)
     assert (tmp_path / "fresh" / "README.md").read_text().startswith(MODEL_CARD_HEADING)
+
+    save_pretrained_with_structure(_retrained(structure), tmp_path / "no_figure", structure, figure=False)
+    assert not (tmp_path / "no_figure" / STRUCTURE_FIGURE).exists()
+    assert STRUCTURE_FIGURE not in (tmp_path / "no_figure" / "README.md").read_text()
 
 
 class LocalHub:
