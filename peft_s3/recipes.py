@@ -17,6 +17,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
+    GgufConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
@@ -36,7 +37,7 @@ class ClassificationTask:
     """A tokenized data set with train / validation / test splits and the model it is tokenized for.
 
     `gguf_file` names the weights file inside `model_path` when the model ships as GGUF (SmolLM2 in
-    `peft_s3.data.smollm2_gguf()`); transformers de-quantizes it to float32 when loading.
+    `peft_s3.data.smollm2_gguf()`); `fresh_classifier` de-quantizes it to float32.
     """
 
     model_path: str
@@ -113,12 +114,16 @@ def fresh_classifier(task: ClassificationTask, seed: int) -> PreTrainedModel:
     The model learns the tokenizer's padding id: a decoder's classifier finds each sequence's last real token by it.
     """
     set_seed(seed)
+    # De-quantized GGUF weights as plain float tensors: Trainer refuses a model still marked GGUF-quantized, and with
+    # the `kernels` package installed transformers would otherwise keep the weights packed in GGUF blocks.
+    gguf = {} if task.gguf_file is None else {"quantization_config": GgufConfig(dequantize=True)}
     return AutoModelForSequenceClassification.from_pretrained(
         task.model_path,
         num_labels=task.num_labels,
         gguf_file=task.gguf_file,
         pad_token_id=task.tokenizer.pad_token_id,
         dtype=torch.float32,
+        **gguf,
     )
 
 

