@@ -352,8 +352,13 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             if diagnostic in group[0]:
                 row[diagnostic] = statistics.fmean(run[diagnostic] for run in group)
         rows.append(row)
+    return sorted(rows, key=_report_order(runs))
+
+
+def _report_order(runs: list[dict[str, Any]]) -> Callable[[dict[str, Any]], tuple[bool, float, int]]:
+    """Sort key of report rows: the main data set first, then by budget, then methods in the order of LABELS."""
     order = {method: index for index, method in enumerate(LABELS)}
-    return sorted(rows, key=lambda r: (r["dataset"] != runs[0]["dataset"], r["budget"] or 0, order[r["method"]]))
+    return lambda row: (row["dataset"] != runs[0]["dataset"], row["budget"] or 0, order[row["method"]])
 
 
 def paired_against_random(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -368,16 +373,13 @@ def paired_against_random(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         reference = accuracy.get((RANDOM, dataset, budget, seed))
         if method in (*SEARCH_SPACES, TRANSFER) and reference is not None:
             groups.setdefault((dataset, method, budget), []).append(value - reference)
-    order = {method: index for index, method in enumerate(LABELS)}
     rows = []
-    for (dataset, method, budget), differences in sorted(
-        groups.items(), key=lambda item: (item[0][0] != runs[0]["dataset"], item[0][2], order[item[0][1]])
-    ):
+    for (dataset, method, budget), differences in groups.items():
         mean, std = _mean_std(differences)
         wins = sum(difference > 0 for difference in differences)
         rows.append({"dataset": dataset, "method": method, "budget": budget, "difference": mean,
                      "difference_std": std, "wins": wins, "seeds": len(differences)})  # fmt: skip
-    return rows
+    return sorted(rows, key=_report_order(runs))
 
 
 def _zero_if_nan(value: float) -> float:

@@ -504,15 +504,14 @@ class S3SearchTrainer(Trainer):
 
         if self.bilevel == "first_order":
             loss = _first_order_alpha_gradient(loss_fn, self._alpha, self._delta_parameters, search_batches)
-            _apply_alpha_gradient(self.alpha_optimizer, self.alpha_lr_scheduler)
         else:
             loss, delta_gradient, self._computed_delta_losses = self._second_order_alpha_gradient(
                 loss_fn, delta_batches, search_batches
             )
-            _apply_alpha_gradient(self.alpha_optimizer, self.alpha_lr_scheduler)
-            # Algorithm 1, step 4: delta descends grad_delta L_delta(delta, alpha), taken before alpha moved.
+            # Algorithm 1, step 4: delta descends grad_delta L_delta(delta, alpha), taken before alpha moves.
             for parameter, gradient in zip(self._delta_parameters, delta_gradient, strict=True):
                 parameter.grad = gradient
+        _apply_alpha_gradient(self.alpha_optimizer, self.alpha_lr_scheduler)
         self._alpha_loss_sum = loss if self._alpha_loss_sum is None else self._alpha_loss_sum + loss
         self._alpha_loss_steps += 1
 
