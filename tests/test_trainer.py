@@ -422,6 +422,7 @@ def test_non_reentrant_activation_checkpointing(tmp_path):
         ({"alpha_weight_decay": -1.0}, "alpha_weight_decay=-1.0"),
         ({"unrolled_learning_rate": -0.1}, "unrolled_learning_rate=-0.1"),
         ({"finite_difference_epsilon": 0.0}, "finite_difference_epsilon=0.0"),
+        ({"finite_difference": "backward"}, "finite_difference='backward' is not allowed: choose one of"),
         ({"alpha_warmup_steps": -1}, "alpha_warmup_steps=-1"),
         ({"alpha_warmup_steps": 1.5}, "alpha_warmup_steps=1.5"),
         ({"search_dataset": MarkerTask(0)}, "search_dataset is empty"),
