@@ -72,7 +72,7 @@ def main() -> None:
 
     print(f"== search: {args.dataset}, {len(task.splits['train'])} training rows, budget {args.budget}")
     search_model, structure, search_stats = search_structure(
-        task, config, recipe, output_dir, args.alpha_learning_rate, args.bilevel
+        task, config, recipe, output_dir, alpha_learning_rate=args.alpha_learning_rate, bilevel=args.bilevel
     )
     structure.save(output_dir)
     plot_structure(search_model, value="p", path=output_dir / "gates_p.png")

@@ -21,12 +21,14 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
 
 from .data import load_dataset_splits, tokenize_splits
 from .metrics import classification_compute_metrics
+from .selection import decided_mass
 from .structure import SearchedStructure, resolve
 from .trainer import S3SearchTrainer
 from .tuner.config import S3SearchConfig
@@ -94,14 +96,23 @@ def load_classification_task(
     max_eval: Optional[int] = None,
     max_length: int = 128,
     gguf_file: Optional[str] = None,
+    validation_size: Optional[float | int] = None,
+    test_size: Optional[float | int] = None,
 ) -> ClassificationTask:
-    """Seeded splits of one of `peft_s3.data.AVAILABLE_DATASETS`, tokenized for the model at `model_path`."""
+    """Seeded splits of one of `peft_s3.data.AVAILABLE_DATASETS`, tokenized for the model at `model_path`.
+
+    `validation_size` and `test_size` go to `peft_s3.data.load_dataset_splits` (a fraction or a row count); None keeps
+    its defaults (10 % each; `amazon_food` keeps its official test split and refuses a `test_size`).
+    """
     tokenizer = AutoTokenizer.from_pretrained(model_path, gguf_file=gguf_file)
     if tokenizer.pad_token is None:
         # Decoder tokenizers may have no padding token. Their classifiers read the last token that is not padding,
         # so padding with end-of-sequence leaves every prediction as it is.
         tokenizer.pad_token = tokenizer.eos_token
-    splits = load_dataset_splits(dataset, seed=seed, max_train=max_train, max_eval=max_eval)
+    # Only the sizes given are passed on, so that load_dataset_splits' own defaults stay the single source of truth.
+    sizes = {"validation_size": validation_size, "test_size": test_size}
+    sizes = {name: size for name, size in sizes.items() if size is not None}
+    splits = load_dataset_splits(dataset, seed=seed, max_train=max_train, max_eval=max_eval, **sizes)
     label_names = list(splits["train"].features["label"].names)
     return ClassificationTask(
         model_path, dataset, tokenizer, tokenize_splits(splits, tokenizer, max_length), label_names, gguf_file
@@ -137,35 +148,63 @@ def search_structure(
     config: S3SearchConfig,
     recipe: TrainingRecipe,
     output_dir: str | Path,
-    alpha_learning_rate: float = 0.1,
-    bilevel: str = "first_order",
-    alpha_warmup_steps: int = 0,
-) -> tuple[nn.Module, SearchedStructure, dict[str, float]]:
-    """Run the S3 search on the training split (halved into D_delta and D_alpha) and resolve the structure."""
+    **search_options: Any,
+) -> tuple[nn.Module, SearchedStructure, dict[str, Any]]:
+    """Run the S3 search on the training split (halved into D_delta and D_alpha) and choose the structure.
+
+    `search_options` are keyword arguments of `S3SearchTrainer` (bilevel, alpha_learning_rate, annealing, ...; its
+    defaults otherwise). With `select_on_validation=True` the resolved structure is evaluated on the validation split
+    four times during the search and at its end, and the best one is returned; otherwise the structure resolved from
+    the final gates. The stats hold the search's wall seconds and steps and how decided its gates ended
+    (`decided_mass`: share of the budget that the resolved candidates hold, weighted by their p).
+    """
     import peft
 
     model = peft.get_peft_model(fresh_classifier(task, recipe.seed), config)
+    select_on_validation = search_options.get("select_on_validation", False)
+    evaluation = {"eval_strategy": "steps", "eval_steps": 0.25} if select_on_validation else {}
     trainer = S3SearchTrainer(
         model=model,
-        args=recipe.arguments(Path(output_dir) / "search"),
+        args=recipe.arguments(Path(output_dir) / "search", **evaluation),
         train_dataset=task.splits["train"],
+        eval_dataset=task.splits["validation"] if select_on_validation else None,
         data_collator=DataCollatorWithPadding(task.tokenizer),
-        alpha_learning_rate=alpha_learning_rate,
-        bilevel=bilevel,
-        alpha_warmup_steps=alpha_warmup_steps,
+        **search_options,
     )
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    return model, resolve(model), {"search_seconds": seconds, "search_steps": trainer.state.global_step}
+    final = resolve(model, method=trainer.selection_method)
+    structure = trainer.best_structure if select_on_validation else final
+    p = model.base_model.gate_probabilities().tolist()
+    chosen = [index for index, candidate in enumerate(final.search_space) if candidate.selected]
+    sizes = [candidate.num_params for candidate in final.search_space]
+    stats = {
+        "search_seconds": seconds,
+        "search_steps": trainer.state.global_step,
+        "decided_mass": decided_mass(p, sizes, chosen, final.budget),
+    }
+    if select_on_validation:
+        stats["structure_evaluations"] = trainer.structure_evaluations
+        stats["selected_at_step"] = next(
+            entry["step"]
+            for entry in trainer.structure_evaluations
+            if entry["candidates"] == [c.name for c in structure.candidates]
+        )
+    return model, structure, stats
 
 
 def train_and_evaluate(
-    model: nn.Module, task: ClassificationTask, recipe: TrainingRecipe, output_dir: str | Path
+    model: nn.Module,
+    task: ClassificationTask,
+    recipe: TrainingRecipe,
+    output_dir: str | Path,
+    callbacks: Optional[list[TrainerCallback]] = None,
 ) -> dict[str, float]:
     """Train `model` on the training split with `recipe`, then score the test split (accuracy and macro-F1).
 
-    The validation split is scored too, for model selection by callers; the test split only reports.
+    The validation split is scored too, for model selection by callers; the test split only reports. `callbacks` go
+    to the Trainer, for methods that act during training (AdaLoRA's rank allocation after each optimizer step).
     """
     trainer = Trainer(
         model=model,
@@ -173,6 +212,7 @@ def train_and_evaluate(
         train_dataset=task.splits["train"],
         data_collator=DataCollatorWithPadding(task.tokenizer),
         compute_metrics=classification_compute_metrics(),
+        callbacks=None if callbacks is None else list(callbacks),
     )
     started = time.perf_counter()
     training = trainer.train()

@@ -25,6 +25,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .selection import SELECTION_METHODS, select
 from .tuner.config import CANDIDATE_KINDS, S3SearchConfig
 from .tuner.model import S3Model
 from .tuner.search_space import Candidate, is_linear, is_norm
@@ -226,14 +227,16 @@ def resolve(
     model_or_checkpoint: Any,
     budget: Optional[Union[int, float]] = None,
     adapter_name: Optional[str] = None,
+    method: str = "exact",
 ) -> SearchedStructure:
-    """Choose the final structure of an S3 search: the candidates with the highest gate probabilities p that fit.
+    """Choose the final structure of an S3 search: the candidates of highest total gate probability p that fit.
 
-    Candidates are taken by descending p (ties broken by descending alpha, which p = sigmoid((alpha - zeta) / tau)
-    can hide when it saturates in float32, then by candidate order) and kept while the running parameter count stays
-    within the budget; a candidate that does not fit is skipped and smaller ones further down may still fill the
-    budget. This is the greedy form of the paper's "positions with the highest sum of p_i within the budget". The
-    result is deterministic.
+    `method="exact"` (the default) is the paper's rule: the set with the highest sum of p within the budget, a 0/1
+    knapsack solved exactly (`peft_s3.selection.exact_selection`; it falls back to the greedy rule, with a warning,
+    on search spaces too large for its table). `method="greedy"` takes candidates by descending p (ties broken by
+    descending alpha, which p = sigmoid((alpha - zeta) / tau) can hide when it saturates in float32, then by
+    candidate order) while they fit, skipping one that does not and filling with smaller ones further down. The two
+    agree when the gates are decided (p near 0 or 1); the result is deterministic either way.
 
     Args:
         model_or_checkpoint: a PeftModel or S3Model with a search adapter, a directory (or file) holding the
@@ -242,6 +245,7 @@ def resolve(
             of the backbone's parameters. p depends on the budget only through a shared shift, so the ranking is
             that of the search; only the cut-off moves.
         adapter_name: the adapter to resolve (default: the active one).
+        method: `"exact"` or `"greedy"` (`peft_s3.selection.SELECTION_METHODS`).
     """
     report = _report_of(model_or_checkpoint, adapter_name)
     config = _search_config(report)
@@ -250,25 +254,21 @@ def resolve(
             f"Adapter {report.get('adapter_name')!r} has a fixed structure (S3SearchConfig.structure), not a search, "
             "so there is nothing to resolve. Resolve the model or checkpoint of the search instead."
         )
+    if method not in SELECTION_METHODS:
+        raise ValueError(f"method={method!r} is not allowed: choose one of {list(SELECTION_METHODS)}.")
     backbone = report["backbone_num_params"]
     limit = (
         report["budget"] if budget is None else dataclasses.replace(config, budget=budget).absolute_budget(backbone)
     )
     rows = report["candidates"]
     candidates = _candidates_of(rows)
-    order = sorted(range(len(rows)), key=lambda i: (-rows[i]["p"], -rows[i]["alpha"], i))
-    chosen: set[int] = set()
-    total = 0
-    for index in order:
-        if total + candidates[index].num_params <= limit:
-            chosen.add(index)
-            total += candidates[index].num_params
-    if not chosen:
-        smallest = min(c.num_params for c in candidates)
+    sizes = [candidate.num_params for candidate in candidates]
+    if limit < min(sizes):
         raise ValueError(
             f"budget={budget if budget is not None else report['budget']!r} allows {limit} trainable parameters, "
-            f"fewer than the smallest candidate ({smallest}): no structure fits. Use a budget >= {smallest}."
+            f"fewer than the smallest candidate ({min(sizes)}): no structure fits. Use a budget >= {min(sizes)}."
         )
+    chosen = set(select([row["p"] for row in rows], [row["alpha"] for row in rows], sizes, limit, method))
     search_space = [
         ScoredCandidate(**_fields(candidate), p=row["p"], selected=index in chosen)
         for index, (candidate, row) in enumerate(zip(candidates, rows, strict=True))

@@ -36,7 +36,9 @@ from transformers.optimization import get_linear_schedule_with_warmup
 from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
-from .structure import save_gate_report
+from .annealing import SearchAnnealing
+from .selection import SELECTION_METHODS, decided_mass, select
+from .structure import SearchedStructure, resolve, save_gate_report
 from .tuner.gates import GateBank, gate_entropy
 from .tuner.model import S3Model
 
@@ -82,16 +84,34 @@ def _requires_grad(parameters: Sequence[nn.Parameter], enabled: bool) -> Iterato
             parameter.requires_grad_(flag)
 
 
-def _accumulate_gradients(loss_fn: Callable[[Any], torch.Tensor], batches: Sequence[Any]) -> list[torch.Tensor]:
+@contextlib.contextmanager
+def _seeded(seed: Optional[int]) -> Iterator[None]:
+    """Within the block the RNG (dropout masks) restarts from `seed`; outside it is untouched. None: no change."""
+    if seed is None:
+        yield
+        return
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.default_generator.manual_seed(seed)
+        if devices:
+            torch.cuda.manual_seed(seed)
+        yield
+
+
+def _accumulate_gradients(
+    loss_fn: Callable[[Any], torch.Tensor], batches: Sequence[Any], seeds: Optional[Sequence[int]] = None
+) -> list[torch.Tensor]:
     """Backpropagate the mean loss over `batches`, one micro-batch at a time.
 
-    Returns each micro-batch's share of that mean (its loss / len(batches)), detached: what `Trainer.training_step`
-    returns for a micro-batch, and they sum to the mean loss.
+    With `seeds`, micro-batch i runs with the RNG seeded by seeds[i], so passes over the same batches with the same
+    seeds draw the same dropout masks. Returns each micro-batch's share of that mean (its loss / len(batches)),
+    detached: what `Trainer.training_step` returns for a micro-batch, and they sum to the mean loss.
     """
     losses = []
-    for batch in batches:
-        loss = loss_fn(batch) / len(batches)
-        loss.backward()
+    for batch, seed in zip(batches, seeds or [None] * len(batches), strict=True):
+        with _seeded(seed):
+            loss = loss_fn(batch) / len(batches)
+            loss.backward()
         losses.append(loss.detach().float())
     return losses
 
@@ -147,10 +167,19 @@ def _alpha_optimizer(
     return optimizer, get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=num_steps)
 
 
-def _apply_alpha_gradient(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
-    optimizer.step()
-    scheduler.step()
+def _apply_alpha_gradient(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> bool:
+    """One alpha update, unless the gradient is exactly zero; returns whether alpha moved.
+
+    While every delta is still zero (the identity initialisation) no gate affects the loss, and the gradient is
+    exactly 0: such a step would spend a step of the alpha schedule (and AdamW's bias correction) on nothing.
+    """
+    alpha = optimizer.param_groups[0]["params"][0]
+    update = alpha.grad is not None and bool(alpha.grad.any())
+    if update:
+        optimizer.step()
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    return update
 
 
 def _check_search_hyperparameters(
@@ -184,17 +213,30 @@ def _search_steps(max_steps: int, alpha_warmup_steps: int) -> int:
     return max_steps - alpha_warmup_steps
 
 
-def _search_metrics(bank: GateBank) -> dict[str, float]:
-    """The `s3/...` log entries: expected size against the budget, the shift zeta, gate entropy and open gates."""
-    expected = bank.expected_num_params()
+def _resolved_indices(bank: GateBank, method: str) -> list[int]:
+    """The candidates `resolve` would pick from the bank's current gates (indices in gate order)."""
     with torch.no_grad():
-        probabilities = bank.probabilities().detach().float()
+        p = bank.probabilities().detach().float().cpu().tolist()
+    alpha = bank.alpha.detach().float().cpu().tolist()
+    return select(p, alpha, bank.sizes.long().cpu().tolist(), bank.budget, method)
+
+
+def _search_metrics(bank: GateBank, resolved: list[int]) -> dict[str, float]:
+    """The `s3/...` log entries: expected size against the budget, the shift zeta, gate entropy, open gates, the
+    temperatures and how decided the search is (`decided_mass`: share of the budget that the candidates `resolve`
+    would pick hold, weighted by their p)."""
+    with torch.no_grad():
+        probabilities = bank.probabilities().detach().float().cpu()
+    sizes = bank.sizes.cpu()
     return {
-        "s3/expected_params": expected.item(),
+        "s3/expected_params": float(probabilities @ sizes.float()),
         "s3/budget": float(bank.budget),
         "s3/zeta": bank.zeta.item(),
+        "s3/tau": bank.tau,
+        "s3/beta": bank.beta,
         "s3/gate_entropy": gate_entropy(probabilities).mean().item(),
         "s3/gates_open": int((probabilities > 0.5).sum().item()),
+        "s3/decided_mass": decided_mass(probabilities.tolist(), sizes.tolist(), resolved, bank.budget),
     }
 
 
@@ -266,8 +308,8 @@ class S3SearchTrainer(Trainer):
             order follows Algorithm 1 and footnote 6: it computes grad_delta L_delta(delta, alpha) once, for the
             virtual step and for the delta update, which makes four passes with the central difference of eq. 13
             and three with the forward difference.
-        unrolled_learning_rate: xi of eqs. 11-13, the step size of the virtual delta update. Default:
-            `args.learning_rate`.
+        unrolled_learning_rate: xi of eqs. 11-13, the step size of the virtual delta update. Default: the delta
+            learning rate in force at that step (the Trainer's schedule), as the paper defines xi.
         finite_difference: How second order approximates the Hessian-vector product: `"central"` (eq. 13, error
             O(epsilon^2), two extra passes) or `"forward"` ((grad_alpha L_delta(delta+) - grad_alpha
             L_delta(delta)) / epsilon, error O(epsilon), one extra pass: grad_alpha L_delta(delta) comes with the
@@ -275,7 +317,24 @@ class S3SearchTrainer(Trainer):
         finite_difference_epsilon: The finite-difference step is this divided by the norm of the gradient it
             perturbs along, as in DARTS.
         alpha_warmup_steps: Optimizer steps at the start during which only delta trains. Deltas start at zero (the
-            identity), so alpha gets no signal until they have moved.
+            identity), so alpha gets no signal until they have moved. (A step whose alpha gradient is exactly zero,
+            such as the first first-order step, never updates alpha nor advances its schedule.)
+        annealing: a `SearchAnnealing` (or the dict of its fields): a budget schedule and temperature schedules that
+            start wide and end at the adapter's budget, tau and beta. None: none.
+        selection_method: how the structure is chosen from the gates (`resolve`'s `method`), for the logged
+            convergence metrics and for `best_structure`: "exact" (sum of p, the paper's rule) or "greedy".
+        select_on_validation: evaluate the structure `resolve` would pick at each evaluation (Trainer's
+            `eval_strategy` / `eval_steps` on `eval_dataset`, gates fixed to its 0/1 mask with the current deltas)
+            and keep the best by `args.metric_for_best_model` (default: the loss) in `best_structure`, as the paper
+            does every I_eval steps. Needs an eval_dataset and an eval_strategy; the end of the search is evaluated
+            too.
+        stop_when_stable: stop the search once the structure `resolve` would pick has not changed for this many
+            optimizer steps after the annealing ended (None: run all steps).
+
+    Each training log entry carries `s3/...` metrics: the expected size and its target, zeta, temperatures, gate
+    entropy, open gates, `s3/decided_mass` (the share of the budget held by the candidates `resolve` would pick,
+    weighted by their p: 1 when the search is sure of its structure) and `s3/resolved_changed` (candidates that
+    entered or left that structure since the previous log entry).
 
     With gradient accumulation, each optimizer step accumulates the alpha gradient over as many D_alpha micro-batches
     as the delta gradient gets D_delta micro-batches, so both levels see the same effective batch size, and alpha is
@@ -311,9 +370,27 @@ class S3SearchTrainer(Trainer):
         finite_difference: str = "central",
         finite_difference_epsilon: float = 0.01,
         alpha_warmup_steps: int = 0,
+        annealing: Optional[SearchAnnealing | dict[str, Any]] = None,
+        selection_method: str = "exact",
+        select_on_validation: bool = False,
+        stop_when_stable: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
         _check_search_hyperparameters(alpha_learning_rate, alpha_weight_decay, alpha_warmup_steps)
+        if isinstance(annealing, dict):
+            annealing = SearchAnnealing(**annealing)
+        elif annealing is not None and not isinstance(annealing, SearchAnnealing):
+            raise ValueError(
+                f"annealing={annealing!r} is not allowed: pass a SearchAnnealing, a dict of its fields, or None."
+            )
+        if selection_method not in SELECTION_METHODS:
+            raise ValueError(
+                f"selection_method={selection_method!r} is not allowed: choose one of {list(SELECTION_METHODS)}."
+            )
+        if stop_when_stable is not None and (
+            isinstance(stop_when_stable, bool) or not isinstance(stop_when_stable, int) or stop_when_stable < 1
+        ):
+            raise ValueError(f"stop_when_stable={stop_when_stable!r} is not allowed: use an int >= 1, or None.")
         if bilevel not in BILEVEL_MODES:
             raise ValueError(f"bilevel={bilevel!r} is not allowed: choose one of {list(BILEVEL_MODES)}.")
         if finite_difference not in FINITE_DIFFERENCES:
@@ -349,6 +426,20 @@ class S3SearchTrainer(Trainer):
         _check_checkpointing(self.args)
         if self.model is not None:
             _search_adapter(self.model)
+        if select_on_validation and (self.eval_dataset is None or self.args.eval_strategy == "no"):
+            raise ValueError(
+                "select_on_validation=True evaluates the resolved structure during the search: pass an eval_dataset "
+                f"and an eval_strategy other than 'no' (got eval_dataset={type(self.eval_dataset).__name__}, "
+                f"eval_strategy={self.args.eval_strategy!r})."
+            )
+        self.annealing = annealing
+        self.selection_method = selection_method
+        self.select_on_validation = select_on_validation
+        self.stop_when_stable = stop_when_stable
+        self.best_structure: Optional[SearchedStructure] = None
+        """With select_on_validation: the resolved structure of the best evaluation so far."""
+        self.structure_evaluations: list[dict[str, Any]] = []
+        """With select_on_validation: per evaluation, the step, the metric and the resolved structure's candidates."""
         self.alpha_learning_rate = alpha_learning_rate
         self.alpha_weight_decay = alpha_weight_decay
         self.bilevel = bilevel
@@ -381,6 +472,10 @@ class S3SearchTrainer(Trainer):
         self._bank: Optional[GateBank] = None
         self._alpha: Optional[nn.Parameter] = None
         self._delta_parameters: list[nn.Parameter] = []
+        # The structure resolve would pick at the last log entry, and at the last step with when it last changed.
+        self._logged_resolved: Optional[list[int]] = None
+        self._stable_resolved: Optional[list[int]] = None
+        self._stable_since = 0
 
     def _split(self, fraction: float) -> tuple[Dataset, Dataset]:
         dataset = self.train_dataset
@@ -408,6 +503,7 @@ class S3SearchTrainer(Trainer):
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, over every trainable parameter except alpha, which has its own optimizer."""
         self._tuner, self._bank, self._alpha = _search_adapter(self.model)
+        self._final_temperatures = (self._bank.tau, self._bank.beta)
         self._delta_parameters = [p for p in self.model.parameters() if p.requires_grad and p is not self._alpha]
         # DDP never sees alpha: its gradient comes from forward passes outside the DDP wrapper and is averaged
         # explicitly, and it does not take part in the delta backward at all.
@@ -428,12 +524,9 @@ class S3SearchTrainer(Trainer):
     ) -> torch.optim.lr_scheduler.LRScheduler:
         """The Trainer's scheduler, plus a fresh alpha optimizer, its schedule and the D_alpha stream for this run."""
         scheduler = super().create_scheduler(num_training_steps, optimizer)
+        self._num_search_steps = _search_steps(num_training_steps, self.alpha_warmup_steps)
         self.alpha_optimizer, self.alpha_lr_scheduler = _alpha_optimizer(
-            self._alpha,
-            self.args,
-            self.alpha_learning_rate,
-            self.alpha_weight_decay,
-            _search_steps(num_training_steps, self.alpha_warmup_steps),
+            self._alpha, self.args, self.alpha_learning_rate, self.alpha_weight_decay, self._num_search_steps
         )
         self._search_batches = None
         self._search_stream_state = {}
@@ -459,9 +552,11 @@ class S3SearchTrainer(Trainer):
         try:
             if self._step_delta_batches is not None:
                 delta_batches, self._step_delta_batches = self._step_delta_batches, None
+                self._anneal()
                 self._step_noise.enter_context(self._tuner.frozen_gate_noise())
                 if self.state.global_step >= self.alpha_warmup_steps:
                     self._alpha_step(model, delta_batches)
+                    self._check_stable()
             if self._computed_delta_losses:
                 loss = self._computed_delta_losses.pop(0)
             else:
@@ -474,6 +569,32 @@ class S3SearchTrainer(Trainer):
         if self.accelerator.sync_gradients:
             self._step_noise.close()
         return loss
+
+    def _annealing_progress(self) -> float:
+        if self.annealing is None:
+            return 1.0
+        return self.annealing.progress(self.state.global_step - self.alpha_warmup_steps, self._num_search_steps)
+
+    def _anneal(self) -> None:
+        if self.annealing is not None:
+            tau, beta = self._final_temperatures
+            self.annealing.apply(self._bank, tau, beta, self._annealing_progress())
+
+    def _end_annealing(self) -> None:
+        """The gates at the config's own budget and temperatures, whatever step the search stopped at."""
+        if self._bank is not None:
+            self._bank.budget_scale = 1.0
+            self._bank.tau, self._bank.beta = self._final_temperatures
+
+    def _check_stable(self) -> None:
+        """Stop the search once the structure resolve would pick has stayed the same for `stop_when_stable` steps."""
+        if self.stop_when_stable is None or self._annealing_progress() < 1.0:
+            return
+        resolved = _resolved_indices(self._bank, self.selection_method)
+        if resolved != self._stable_resolved:
+            self._stable_resolved, self._stable_since = resolved, self.state.global_step
+        elif self.state.global_step + 1 - self._stable_since >= self.stop_when_stable:
+            self.control.should_training_stop = True
 
     def _search_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
         inputs = self._prepare_inputs(batch)
@@ -505,8 +626,11 @@ class S3SearchTrainer(Trainer):
         if self.bilevel == "first_order":
             loss = _first_order_alpha_gradient(loss_fn, self._alpha, self._delta_parameters, search_batches)
         else:
+            # One seed per micro-batch for all passes of this step: the finite differences then compare the same
+            # dropout masks, not mask noise (drawn from the global RNG, so checkpoints resume it).
+            step_seed = int(torch.randint(2**62, (1,)))
             loss, delta_gradient, self._computed_delta_losses = self._second_order_alpha_gradient(
-                loss_fn, delta_batches, search_batches
+                loss_fn, delta_batches, search_batches, step_seed
             )
             # Algorithm 1, step 4: delta descends grad_delta L_delta(delta, alpha), taken before alpha moves.
             for parameter, gradient in zip(self._delta_parameters, delta_gradient, strict=True):
@@ -516,26 +640,39 @@ class S3SearchTrainer(Trainer):
         self._alpha_loss_steps += 1
 
     def _second_order_alpha_gradient(
-        self, loss_fn: Callable[[Any], torch.Tensor], delta_batches: list[Any], search_batches: list[Any]
+        self,
+        loss_fn: Callable[[Any], torch.Tensor],
+        delta_batches: list[Any],
+        search_batches: list[Any],
+        step_seed: int,
     ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Set alpha.grad to DARTS' unrolled gradient (eq. 13).
 
         Returns L_alpha at the unrolled delta', grad_delta L_delta(delta, alpha) (process-averaged), and the D_delta
         micro-batch losses it came from. Only the delta tensors are perturbed, in place, and copied back from a
-        snapshot, so the model ends bit for bit where it started, with no gradients set.
+        snapshot, so the model ends bit for bit where it started, with no gradients set. Every pass over D_delta
+        micro-batch i runs with the RNG seeded by step_seed + 2 i (and D_alpha's by step_seed + 2 i + 1), so the
+        passes of the finite difference see the same dropout masks.
         """
         alpha, deltas = self._alpha, self._delta_parameters
-        xi = self.args.learning_rate if self.unrolled_learning_rate is None else self.unrolled_learning_rate
+        delta_seeds = [step_seed + 2 * index for index in range(len(delta_batches))]
+        search_seeds = [step_seed + 2 * index + 1 for index in range(len(search_batches))]
+        # xi is the delta learning rate of this step: the Trainer's scheduler has already set it on the optimizer.
+        xi = (
+            self.optimizer.param_groups[0]["lr"]
+            if self.unrolled_learning_rate is None
+            else self.unrolled_learning_rate
+        )
         forward = self.finite_difference == "forward"
         snapshot = [p.detach().clone() for p in deltas]
         try:
             with _requires_grad([alpha], forward):
-                delta_losses = _accumulate_gradients(loss_fn, delta_batches)
+                delta_losses = _accumulate_gradients(loss_fn, delta_batches, delta_seeds)
             delta_gradient = _pop_gradients(deltas)
             # grad_alpha L_delta(delta, alpha), the forward difference's base point, from the same pass.
             base = _pop_gradients([alpha])[0] if forward else None
             _move(deltas, snapshot, -xi, delta_gradient)  # delta' = delta - xi grad_delta L_delta
-            loss = torch.stack(_accumulate_gradients(loss_fn, search_batches)).sum()
+            loss = torch.stack(_accumulate_gradients(loss_fn, search_batches, search_seeds)).sum()
             direct = _pop_gradients([alpha])[0]  # grad_alpha L_alpha(delta', alpha)
             direction = _pop_gradients(deltas)  # v = grad_delta' L_alpha(delta', alpha)
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in direction]))
@@ -544,7 +681,7 @@ class S3SearchTrainer(Trainer):
             for sign in (1.0,) if forward else (1.0, -1.0):
                 _move(deltas, snapshot, sign * epsilon, direction)  # delta+- = delta +- epsilon v
                 with _requires_grad(deltas, False):
-                    _accumulate_gradients(loss_fn, delta_batches)
+                    _accumulate_gradients(loss_fn, delta_batches, delta_seeds)
                 curvature.append(_pop_gradients([alpha])[0])  # grad_alpha L_delta(delta+-, alpha)
             if forward:
                 hessian_vector = (curvature[0] - base) / epsilon
@@ -558,12 +695,66 @@ class S3SearchTrainer(Trainer):
                     parameter.grad = None
         return loss, delta_gradient, delta_losses
 
+    # ------------------------------------------------------------------ the search's structure
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """`Trainer.train`; afterwards the gates are at the config's budget and temperatures, and with
+        select_on_validation the final structure is evaluated too before `best_structure` is settled."""
+        try:
+            output = super().train(*args, **kwargs)
+        finally:
+            self._end_annealing()
+        if self.select_on_validation:
+            self.evaluate()
+        return output
+
+    def evaluate(
+        self,
+        eval_dataset: Optional[Dataset] = None,
+        ignore_keys: Optional[list[str]] = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """`Trainer.evaluate`; with select_on_validation, of the structure `resolve` would pick now (its 0/1 mask as
+        the gates, the current deltas), keeping the best one in `best_structure`."""
+        if not self.select_on_validation or self._bank is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        structure = resolve(self.model, method=self.selection_method)
+        mask = torch.tensor([candidate.selected for candidate in structure.search_space], dtype=torch.float32)
+        with self._tuner.fixed_eval_gates(mask):
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        name = self.args.metric_for_best_model or "loss"
+        key = name if name.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{name}"
+        if key not in metrics:
+            raise ValueError(
+                f"select_on_validation compares evaluations by {key!r} (metric_for_best_model={name!r}), which the "
+                f"evaluation did not return; it returned {sorted(metrics)}."
+            )
+        greater = self.args.greater_is_better if self.args.greater_is_better is not None else not key.endswith("loss")
+        value = metrics[key]
+        best = self.structure_evaluations and max(
+            (entry["value"] for entry in self.structure_evaluations), key=lambda v: v if greater else -v
+        )
+        if not self.structure_evaluations or (value > best if greater else value < best):
+            self.best_structure = structure
+        self.structure_evaluations.append(
+            {
+                "step": self.state.global_step,
+                "metric": key,
+                "value": value,
+                "candidates": [c.name for c in structure.candidates],
+            }
+        )
+        return metrics
+
     # ------------------------------------------------------------------ logging and checkpoints
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         """Adds the `s3/...` search metrics to every training-loss log entry."""
         if "loss" in logs and self._bank is not None:
-            logs.update(_search_metrics(self._bank))
+            resolved = _resolved_indices(self._bank, self.selection_method)
+            logs.update(_search_metrics(self._bank, resolved))
+            logs["s3/resolved_changed"] = len(set(resolved) ^ set(self._logged_resolved or []))
+            self._logged_resolved = resolved
             if self._alpha_loss_steps:
                 alpha_loss = reduce(self._alpha_loss_sum, reduction="mean").item() / self._alpha_loss_steps
                 logs["s3/alpha_loss"] = alpha_loss

@@ -15,7 +15,7 @@ from torch.func import functional_call
 from transformers import Trainer, TrainingArguments
 
 import peft_s3
-from peft_s3.trainer import SEARCH_STATE_NAME, S3SearchCallback, S3SearchTrainer
+from peft_s3.trainer import SEARCH_STATE_NAME, S3SearchCallback, S3SearchTrainer, _seeded
 
 MARKER = 5
 S3_LOG_KEYS = {"s3/expected_params", "s3/budget", "s3/zeta", "s3/gate_entropy", "s3/gates_open", "s3/alpha_loss"}
@@ -187,10 +187,18 @@ def test_second_order_changes_alpha_differently_from_first_order(tmp_path):
 
 
 # Relative error bounds: measured 3e-5 (central, O(epsilon^2)) and 2e-3 (forward, O(epsilon)) at epsilon 1e-3.
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
 @pytest.mark.parametrize(("finite_difference", "tolerance"), [("central", 1e-3), ("forward", 5e-3)])
-def test_second_order_gradient_matches_exact_unrolled_gradient(tmp_path, finite_difference, tolerance):
-    """Eq. 13 (finite differences) against eq. 11 differentiated exactly with double backward."""
+def test_second_order_gradient_matches_exact_unrolled_gradient(tmp_path, finite_difference, tolerance, dropout):
+    """Eq. 13 (finite differences) against eq. 11 differentiated exactly with double backward.
+
+    With dropout, the exact gradient takes the D_delta pass with the masks of seed 7 and the D_alpha pass with those
+    of seed 8: the finite difference matches it only if all its D_delta passes share one mask.
+    """
     model = search_model(init_weights=False)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = dropout
     # The CPU flash-attention kernel has no double backward; the math is the same.
     model.base_model.model.set_attn_implementation("eager")
     xi = 0.5
@@ -211,15 +219,18 @@ def test_second_order_gradient_matches_exact_unrolled_gradient(tmp_path, finite_
     with model.base_model.frozen_gate_noise():
         with torch.no_grad():
             model(**delta_batch)  # draws the one gate sample that every pass below shares
-        delta_loss = model(**delta_batch).loss
+        with _seeded(7):
+            delta_loss = model(**delta_batch).loss
         delta_grads = torch.autograd.grad(delta_loss, deltas, create_graph=True)
         unrolled = {names[id(p)]: p - xi * g for p, g in zip(deltas, delta_grads, strict=True)}
-        (exact,) = torch.autograd.grad(functional_call(model, unrolled, kwargs=search_batch).loss, alpha)
+        with _seeded(8):
+            (exact,) = torch.autograd.grad(functional_call(model, unrolled, kwargs=search_batch).loss, alpha)
         detached = {name: value.detach() for name, value in unrolled.items()}
-        (direct,) = torch.autograd.grad(functional_call(model, detached, kwargs=search_batch).loss, alpha)
+        with _seeded(8):
+            (direct,) = torch.autograd.grad(functional_call(model, detached, kwargs=search_batch).loss, alpha)
         before = [p.detach().clone() for p in deltas]
         _, delta_gradient, delta_losses = trainer._second_order_alpha_gradient(
-            lambda batch: trainer._search_loss(model, batch), [delta_batch], [search_batch]
+            lambda batch: trainer._search_loss(model, batch), [delta_batch], [search_batch], step_seed=7
         )
 
     # The second-order term matters here, and the finite difference gets it right.
@@ -355,8 +366,9 @@ def test_gradient_accumulation_updates_alpha_once_per_step_on_as_many_batches(tm
     )
     trainer.train()
     assert trainer.state.global_step == 3
-    assert trainer.alpha_lr_scheduler.last_epoch == 3
-    assert trainer.alpha_optimizer.state[alpha_of(model)]["step"] == 3
+    # The first step's alpha gradient is exactly zero (every delta starts at zero), so it makes no alpha update.
+    assert trainer.alpha_lr_scheduler.last_epoch == 2
+    assert trainer.alpha_optimizer.state[alpha_of(model)]["step"] == 2
     # Per optimizer step: two D_alpha micro-batches for alpha, then two D_delta micro-batches for delta, all on one
     # gate sample; the next step draws a new one.
     assert batch_sizes == [4] * (3 * (2 + 2))
@@ -364,6 +376,27 @@ def test_gradient_accumulation_updates_alpha_once_per_step_on_as_many_batches(tm
         assert all(torch.equal(noise, noises[4 * step]) for noise in noises[4 * step : 4 * step + 4])
     assert not torch.equal(noises[0], noises[4])
     assert not torch.equal(noises[4], noises[8])
+
+
+def test_an_exactly_zero_alpha_gradient_spends_no_alpha_step(tmp_path):
+    model = search_model()  # identity initialisation: no gate changes the loss before the deltas move
+    alpha_before = alpha_of(model).detach().clone()
+    trainer = S3SearchTrainer(model=model, args=arguments(tmp_path, max_steps=1), train_dataset=MarkerTask(32))
+    trainer.train()
+    assert torch.equal(alpha_of(model), alpha_before)
+    assert trainer.alpha_lr_scheduler.last_epoch == 0
+    assert not trainer.alpha_optimizer.state
+    # Second order sees the deltas after the virtual step, which do depend on the gates: alpha moves at once.
+    model = search_model()
+    trainer = S3SearchTrainer(
+        model=model,
+        args=arguments(tmp_path, max_steps=1),
+        train_dataset=MarkerTask(32),
+        bilevel="second_order",
+    )
+    trainer.train()
+    assert not torch.equal(alpha_of(model), alpha_before)
+    assert trainer.alpha_lr_scheduler.last_epoch == 1
 
 
 def test_alpha_warmup_trains_only_deltas_first(tmp_path):

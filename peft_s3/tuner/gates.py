@@ -142,6 +142,11 @@ class GateBank:
         self.zeta: torch.Tensor | None = None
         self.noise: torch.Tensor | None = None
         self.noise_frozen = False
+        # A search may hold the expected size at a multiple of the budget for a while (a budget schedule); `budget`
+        # itself stays the target that the final structure must fit.
+        self.budget_scale = 1.0
+        # Gate values used in eval mode instead of p, e.g. the 0/1 mask of a resolved structure under evaluation.
+        self.eval_values: torch.Tensor | None = None
 
     @property
     def alpha(self) -> torch.nn.Parameter:
@@ -152,13 +157,22 @@ class GateBank:
             self.sizes = self.sizes.to(device)
         return self.sizes
 
+    @property
+    def expected_size(self) -> float:
+        """The expected number of parameters that zeta is solved for: the budget times `budget_scale`."""
+        return self.budget * self.budget_scale
+
     def probabilities(self) -> torch.Tensor:
-        """Gate probabilities p (differentiable w.r.t. alpha) with zeta solved for the budget."""
-        self.zeta = solve_zeta(self.alpha, self._solver_sizes, self.budget, self.tau, initial=self.zeta)
+        """Gate probabilities p (differentiable w.r.t. alpha) with zeta solved for the expected size."""
+        self.zeta = solve_zeta(self.alpha, self._solver_sizes, self.expected_size, self.tau, initial=self.zeta)
         return global_probabilities(self.alpha.float(), self.zeta, self.tau)
 
     def refresh(self, training: bool) -> None:
         """Recompute the gate values: a binary-concrete sample when training, the probabilities p otherwise."""
+        if not training and self.eval_values is not None:
+            self.values = self.eval_values.to(self.alpha.device)
+            self.segments = self.values.split(self.segment_sizes)
+            return
         p = self.probabilities()
         if not training:
             self.values = p

@@ -298,6 +298,22 @@ class S3Model(BaseTuner):
         ]
 
     @contextlib.contextmanager
+    def fixed_eval_gates(self, values: torch.Tensor, adapter_name: Optional[str] = None) -> Iterator[None]:
+        """Within the block, eval-mode forward passes use `values` as the gates (e.g. a resolved 0/1 mask), not p."""
+        bank = self.gate_bank(adapter_name)
+        if bank is None:
+            raise ValueError("fixed_eval_gates needs a search adapter; a fixed structure has no gates to set.")
+        if values.shape != bank.sizes.shape:
+            raise ValueError(
+                f"fixed_eval_gates got {tuple(values.shape)} gate values for {len(bank.sizes)} candidates."
+            )
+        bank.eval_values = values.detach().float()
+        try:
+            yield
+        finally:
+            bank.eval_values = None
+
+    @contextlib.contextmanager
     def frozen_gate_noise(self) -> Iterator[None]:
         """Within the block, every forward pass reuses one binary-concrete noise sample (one bi-level step)."""
         banks = [bank for bank in self._s3_banks.values() if bank is not None]

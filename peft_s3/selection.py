@@ -1,0 +1,99 @@
+"""Which candidates a search keeps: the paper's "positions with the highest sum of p_i within the budget".
+
+Pure functions on plain sequences, shared by `resolve` (the final structure) and the trainer's convergence metrics
+(which structure `resolve` would pick at the current step, and how much of the budget it holds).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from functools import reduce
+
+import numpy as np
+
+SELECTION_METHODS = ("exact", "greedy")
+# Cells of the exact knapsack table (candidates x budget steps) above which `select` falls back to the greedy rule: a
+# 70B-shaped search space (tens of thousands of candidates, budgets of thousands of size steps) stays below it, and
+# its boolean table then takes at most this many bytes.
+MAX_EXACT_CELLS = 200_000_000
+
+
+def greedy_selection(p: Sequence[float], alpha: Sequence[float], sizes: Sequence[int], limit: int) -> list[int]:
+    """Candidates by descending p (ties by descending alpha, then index), each kept while it still fits.
+
+    Alpha breaks ties because p = sigmoid((alpha - zeta) / tau) saturates in float32 and can hide an order that alpha
+    still has. A candidate that does not fit is skipped, so smaller ones further down may fill the budget.
+    """
+    order = sorted(range(len(p)), key=lambda i: (-p[i], -alpha[i], i))
+    chosen, total = [], 0
+    for index in order:
+        if total + sizes[index] <= limit:
+            chosen.append(index)
+            total += sizes[index]
+    return sorted(chosen)
+
+
+def exact_selection(p: Sequence[float], alpha: Sequence[float], sizes: Sequence[int], limit: int) -> list[int]:
+    """The set of largest sum of p whose sizes add up to at most `limit`: a 0/1 knapsack solved exactly.
+
+    Sizes and limit are divided by the sizes' greatest common divisor (in a transformer every candidate size is a
+    multiple of a hidden size, so the table stays small). Among sets of equal sum of p (float64 sums of the p
+    values), earlier candidates of the greedy order are preferred: items enter the table in that order and a later
+    item replaces the current best only when it is strictly better.
+    """
+    step = reduce(math.gcd, sizes)
+    capacity = limit // step
+    weights = [size // step for size in sizes]
+    order = sorted(range(len(p)), key=lambda i: (-p[i], -alpha[i], i))
+    best = np.zeros(capacity + 1)
+    taken = np.zeros((len(order), capacity + 1), dtype=bool)
+    for row, index in enumerate(order):
+        weight = weights[index]
+        if weight > capacity:
+            continue
+        with_item = best[: capacity + 1 - weight] + p[index]
+        better = with_item > best[weight:]
+        taken[row, weight:] = better
+        best[weight:] = np.where(better, with_item, best[weight:])
+    chosen, remaining = [], capacity
+    for row in range(len(order) - 1, -1, -1):
+        if taken[row, remaining]:
+            index = order[row]
+            chosen.append(index)
+            remaining -= weights[index]
+    return sorted(chosen)
+
+
+def select(
+    p: Sequence[float], alpha: Sequence[float], sizes: Sequence[int], limit: int, method: str = "exact"
+) -> list[int]:
+    """Indices (ascending) of the candidates kept within `limit` parameters, by `method` (one of SELECTION_METHODS).
+
+    `"exact"` maximises the sum of p (the paper's rule); `"greedy"` takes candidates by descending p while they fit,
+    which can lose against it when sizes differ (one large candidate of p 0.9 against two small ones of 0.85).
+    The exact table has len(p) x (limit / gcd(sizes)) cells; beyond MAX_EXACT_CELLS the greedy rule is used, with a
+    warning.
+    """
+    if method not in SELECTION_METHODS:
+        raise ValueError(f"method={method!r} is not allowed: choose one of {list(SELECTION_METHODS)}.")
+    if method == "exact":
+        cells = len(sizes) * (limit // reduce(math.gcd, sizes) + 1)
+        if cells <= MAX_EXACT_CELLS:
+            return exact_selection(p, alpha, sizes, limit)
+        warnings.warn(
+            f"The exact selection would need a table of {cells:,} cells (more than {MAX_EXACT_CELLS:,}); using the "
+            "greedy rule instead, which may keep a slightly smaller sum of p.",
+            stacklevel=2,
+        )
+    return greedy_selection(p, alpha, sizes, limit)
+
+
+def decided_mass(p: Sequence[float], sizes: Sequence[int], chosen: Sequence[int], budget: float) -> float:
+    """Expected parameters of the chosen candidates (sum of p * size) as a share of the budget.
+
+    The shifted sigmoid holds the expected size of the whole search space at the budget, so this reaches 1 only when
+    the chosen candidates have p = 1 and every other candidate p = 0: a search whose selection it is sure of.
+    """
+    return sum(p[i] * sizes[i] for i in chosen) / budget
