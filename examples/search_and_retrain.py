@@ -45,8 +45,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--retrain-epochs", type=float, default=3.0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--learning-rate", type=float, default=5e-3, help="delta learning rate (search and retrain)")
-    parser.add_argument("--alpha-learning-rate", type=float, default=0.1)
-    parser.add_argument("--bilevel", choices=["first_order", "second_order"], default="first_order")
+    parser.add_argument("--alpha-learning-rate", type=float, default=None, help="default: S3SearchTrainer's (0.5)")
+    parser.add_argument("--bilevel", choices=["first_order", "second_order"], default=None, help="default: second")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--output-dir", default="outputs/search_and_retrain")
@@ -71,8 +71,9 @@ def main() -> None:
     )
 
     print(f"== search: {args.dataset}, {len(task.splits['train'])} training rows, budget {args.budget}")
+    options = {"alpha_learning_rate": args.alpha_learning_rate, "bilevel": args.bilevel}
     search_model, structure, search_stats = search_structure(
-        task, config, recipe, output_dir, alpha_learning_rate=args.alpha_learning_rate, bilevel=args.bilevel
+        task, config, recipe, output_dir, **{name: value for name, value in options.items() if value is not None}
     )
     structure.save(output_dir)
     plot_structure(search_model, value="p", path=output_dir / "gates_p.png")

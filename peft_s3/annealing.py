@@ -20,7 +20,7 @@ from .tuner.gates import GateBank
 _MAX_SPACE_SHARE = 0.9
 
 
-@dataclass
+@dataclass(frozen=True)
 class SearchAnnealing:
     """Schedules of one search, from a start value to the adapter's own setting over the first `fraction` of it.
 
@@ -72,3 +72,9 @@ def _geometric(start: Optional[float], end: float, progress: float) -> float:
 
 def _is_real(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+DEFAULT_ANNEALING = SearchAnnealing(budget_from=4.0, tau_from=1.0, fraction=0.5)
+"""What `S3SearchTrainer` anneals unless told otherwise: the expected size starts at 4x the budget and the sigmoid's
+temperature at 1 (the paper's tau), both reaching the config's values (budget, tau = 0.1) halfway through the search.
+See benchmarks/README.md, "Search dynamics", for the measurements behind it."""

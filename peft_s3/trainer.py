@@ -36,7 +36,7 @@ from transformers.optimization import get_linear_schedule_with_warmup
 from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
-from .annealing import SearchAnnealing
+from .annealing import DEFAULT_ANNEALING, SearchAnnealing
 from .selection import SELECTION_METHODS, decided_mass, select
 from .structure import SearchedStructure, resolve, save_gate_report
 from .tuner.gates import GateBank, gate_entropy
@@ -230,6 +230,7 @@ def _search_metrics(bank: GateBank, resolved: list[int]) -> dict[str, float]:
     sizes = bank.sizes.cpu()
     return {
         "s3/expected_params": float(probabilities @ sizes.float()),
+        "s3/target_params": bank.expected_size,
         "s3/budget": float(bank.budget),
         "s3/zeta": bank.zeta.item(),
         "s3/tau": bank.tau,
@@ -300,10 +301,13 @@ class S3SearchTrainer(Trainer):
         search_split: Fraction of `train_dataset` that becomes D_alpha when `search_dataset` is None (default 0.5,
             as in the paper). The split is a permutation seeded with `args.seed`; the rest, D_delta, becomes
             `self.train_dataset`.
-        alpha_learning_rate: Learning rate of the AdamW that updates alpha (decays linearly to 0; paper: 0.1).
+        alpha_learning_rate: Learning rate of the AdamW that updates alpha (decays linearly to 0). The paper's 0.1
+            is meant for thousands of steps; 0.5 decides the gates in the few dozen to hundreds that a short
+            fine-tuning run has.
         alpha_weight_decay: Weight decay of that AdamW.
-        bilevel: `"first_order"` (the alpha gradient at the current delta) or `"second_order"` (DARTS' unrolled
-            gradient, eqs. 10-13, with a finite-difference Hessian-vector product). Per optimizer step, first order
+        bilevel: `"second_order"` (the default: DARTS' unrolled gradient, eqs. 10-13, with a finite-difference
+            Hessian-vector product, the paper's Algorithm 1) or `"first_order"` (the alpha gradient at the current
+            delta, half the passes). Per optimizer step, first order
             takes two forward/backward passes (alpha on D_alpha, then delta on D_delta at the updated alpha). Second
             order follows Algorithm 1 and footnote 6: it computes grad_delta L_delta(delta, alpha) once, for the
             virtual step and for the delta update, which makes four passes with the central difference of eq. 13
@@ -320,7 +324,9 @@ class S3SearchTrainer(Trainer):
             identity), so alpha gets no signal until they have moved. (A step whose alpha gradient is exactly zero,
             such as the first first-order step, never updates alpha nor advances its schedule.)
         annealing: a `SearchAnnealing` (or the dict of its fields): a budget schedule and temperature schedules that
-            start wide and end at the adapter's budget, tau and beta. None: none.
+            start wide and end at the adapter's budget, tau and beta. Default `DEFAULT_ANNEALING`: the expected
+            size starts at 4x the budget and tau at 1, both annealed to the config's values over the first half of
+            the search. None: no schedule (the config's budget and temperatures throughout).
         selection_method: how the structure is chosen from the gates (`resolve`'s `method`), for the logged
             convergence metrics and for `best_structure`: "exact" (sum of p, the paper's rule) or "greedy".
         select_on_validation: evaluate the structure `resolve` would pick at each evaluation (Trainer's
@@ -331,7 +337,8 @@ class S3SearchTrainer(Trainer):
         stop_when_stable: stop the search once the structure `resolve` would pick has not changed for this many
             optimizer steps after the annealing ended (None: run all steps).
 
-    Each training log entry carries `s3/...` metrics: the expected size and its target, zeta, temperatures, gate
+    Each training log entry carries `s3/...` metrics: the expected size and its target (`s3/target_params`, above the
+    budget while a budget schedule runs), zeta, temperatures, gate
     entropy, open gates, `s3/decided_mass` (the share of the budget held by the candidates `resolve` would pick,
     weighted by their p: 1 when the search is sure of its structure) and `s3/resolved_changed` (candidates that
     entered or left that structure since the previous log entry).
@@ -363,14 +370,14 @@ class S3SearchTrainer(Trainer):
         *args: Any,
         search_dataset: Optional[Dataset] = None,
         search_split: Optional[float] = None,
-        alpha_learning_rate: float = 0.1,
+        alpha_learning_rate: float = 0.5,
         alpha_weight_decay: float = 0.0,
-        bilevel: str = "first_order",
+        bilevel: str = "second_order",
         unrolled_learning_rate: Optional[float] = None,
         finite_difference: str = "central",
         finite_difference_epsilon: float = 0.01,
         alpha_warmup_steps: int = 0,
-        annealing: Optional[SearchAnnealing | dict[str, Any]] = None,
+        annealing: Optional[SearchAnnealing | dict[str, Any]] = DEFAULT_ANNEALING,
         selection_method: str = "exact",
         select_on_validation: bool = False,
         stop_when_stable: Optional[int] = None,

@@ -53,6 +53,7 @@ def test_trainer_anneals_per_step_and_leaves_the_config_values(tmp_path) -> None
         model=model,
         args=arguments(tmp_path, max_steps=6),
         train_dataset=MarkerTask(64),
+        bilevel="first_order",  # two passes per step: alpha, then delta
         annealing={"budget_from": 4.0, "tau_from": 2.0, "fraction": 0.5},
     )
     trainer.train()
@@ -96,6 +97,7 @@ def test_logs_say_how_decided_the_search_is(tmp_path) -> None:
         args=arguments(tmp_path, max_steps=30, logging_steps=10),
         train_dataset=MarkerTask(128),
         alpha_learning_rate=0.5,
+        bilevel="first_order",
         annealing={"tau_from": 1.0},
     )
     trainer.train()
@@ -114,6 +116,7 @@ def test_stop_when_stable_ends_the_search_early(tmp_path) -> None:
         model=model,
         args=arguments(tmp_path, max_steps=200, learning_rate=0.0),
         train_dataset=MarkerTask(64),
+        annealing=None,  # stability is only checked once the annealing has ended
         stop_when_stable=3,
     )
     trainer.train()

@@ -62,7 +62,7 @@ def test_decided_mass_is_the_chosen_share_of_the_expected_size() -> None:
 
 
 def test_resolve_defaults_to_the_exact_sum_of_p() -> None:
-    model = _search(budget=64)
+    model = _search(budget=64, tau=1.0)
     names = [c.name for c in model.base_model.candidates()]
     intermediate = names.index(f"{BERT_LAYER}intermediate.dense:lora[0]")  # 48 parameters
     query = names.index(f"{BERT_LAYER}attention.self.query:lora[0]")  # 32

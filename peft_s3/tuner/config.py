@@ -98,7 +98,14 @@ class S3SearchConfig(PeftConfig):
         metadata={"help": "Activation between the adapter's down and up projection (a name in ACT2FN)."},
     )
     tau: float = field(
-        default=1.0, metadata={"help": "Temperature of the shifted global sigmoid p = sigmoid((alpha - zeta) / tau)."}
+        default=0.1,
+        metadata={
+            "help": (
+                "Temperature of the shifted global sigmoid p = sigmoid((alpha - zeta) / tau) at the end of the search "
+                "and in the gate report. S3SearchTrainer anneals it from 1 (the paper's value) by default, so the "
+                "gates end decided (p near 0 or 1)."
+            )
+        },
     )
     beta: float = field(default=1.0, metadata={"help": "Temperature of the binary-concrete gate relaxation."})
     hard_gates: bool = field(
