@@ -6,6 +6,7 @@ Importing the package registers the method with peft, after which `peft.get_peft
 
 from . import data, metrics
 from ._registration import register
+from .annealing import DEFAULT_ANNEALING, SearchAnnealing
 from .plotting import plot_structure, structure_matrix
 from .structure import (
     SearchedStructure,
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "CANDIDATE_KINDS",
+    "DEFAULT_ANNEALING",
     "LORA_SPACE",
     "MIX_SPACE",
     "Candidate",
@@ -32,6 +34,7 @@ __all__ = [
     "S3SearchCallback",
     "S3SearchConfig",
     "S3SearchTrainer",
+    "SearchAnnealing",
     "SearchedStructure",
     "__version__",
     "apply_structure",

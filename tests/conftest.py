@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
 import torch
 from transformers import (
     BertConfig,
@@ -27,6 +28,16 @@ HIDDEN_SIZE = 16
 NUM_LAYERS = 2
 NUM_LABELS = 2
 _WEIGHT_SEED = 0
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the thread pool's spinning
+    # makes them orders of magnitude slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _seeded(build: Callable[[], PreTrainedModel]) -> Callable[[], PreTrainedModel]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_trainer import MarkerTask, alpha_of, arguments, one_thread, search_model  # noqa: F401
+from test_trainer import MarkerTask, arguments, search_model
 
 import peft_s3
 from peft_s3.annealing import SearchAnnealing

@@ -33,16 +33,6 @@ S3_LOG_KEYS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models gain nothing from intra-op threads, and on a shared 2-core machine the thread pool's spinning
-    # makes them orders of magnitude slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class MarkerTask(torch.utils.data.Dataset):
     """Random token sequences; the label says whether the token MARKER occurs in the sequence (learnable)."""
 
