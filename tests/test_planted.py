@@ -1,0 +1,108 @@
+"""The planted-structure probes (benchmarks/planted.py): the teacher, the budget, one recovery and variant checks."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "planted.py"
+_SPEC = importlib.util.spec_from_file_location("benchmark_planted", _PATH)
+planted = importlib.util.module_from_spec(_SPEC)
+sys.modules[_SPEC.name] = planted
+_SPEC.loader.exec_module(planted)
+
+# Mixed kinds on both architectures: LoRA + LNFit + adapter on Llama, LoRA + BitFit + adapter on a 4-layer BERT.
+MIXED_CASES = ("llama-lora+lnfit+adapter", "bert4-lora+bitfit+adapter")
+
+
+@pytest.mark.parametrize("name", MIXED_CASES)
+def test_teacher_differs_from_base_only_through_planted_candidates(name):
+    case = planted.CASES[name]
+    teacher, _, dataset = planted.build_case(case, seed=0)
+    assert sorted(c.name for c in teacher.base_model.candidates()) == sorted(c.name for c in teacher.planted)
+    base_out = planted.outputs(planted.base_model(case, 0), dataset.input_ids)
+    assert torch.equal(dataset.labels, planted.outputs(teacher, dataset.input_ids))
+    # Each planted candidate on its own moves the outputs noticeably: about effect x their spread over the inputs.
+    target = case.effect * planted._rms(base_out - base_out.mean(0))
+    effects = planted.solo_effects(teacher, teacher.planted, dataset.input_ids, base_out)
+    assert all(0.7 * target < effect < 1.3 * target for effect in effects.values()), (effects, target)
+    with planted.only_planted(teacher, [], teacher.planted):
+        torch.testing.assert_close(planted.outputs(teacher, dataset.input_ids), base_out, rtol=0, atol=1e-6)
+    # The context restores the deltas.
+    assert torch.equal(planted.outputs(teacher, dataset.input_ids), dataset.labels)
+
+
+@pytest.mark.parametrize("name", MIXED_CASES)
+def test_budget_is_the_planted_size_and_only_candidates_train(name):
+    case = planted.CASES[name]
+    teacher, student, _ = planted.build_case(case, seed=1)
+    names = [c.name for c in student.base_model.candidates()]
+    assert len(teacher.planted) == len(case.plants) == len(set(c.name for c in teacher.planted))
+    assert all(c.name in names for c in teacher.planted)
+    assert [c.kind for c in teacher.planted] == [p.kind for p in case.plants]
+    assert student.base_model.budget() == sum(c.num_params for c in teacher.planted)
+    # The regression head is frozen (no modules_to_save): only the candidates and alpha train.
+    trainable = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert trainable and all(".s3_" in n for n in trainable), [n for n in trainable if ".s3_" not in n]
+
+
+def test_run_case_recovers_an_easy_case():
+    # Pinned, not the library defaults, which move: first order with a fast alpha, no annealing, the paper's tau.
+    trainer = {"bilevel": "first_order", "alpha_learning_rate": 1.0, "annealing": None}
+    variant = planted.make_variant("fast", {"trainer": trainer, "config": {"tau": 1.0}, "steps": 60})
+    run = planted.run_case(planted.CASES["llama-lora-o"], 0, variant)
+    assert run["recovered"], run
+    assert run["resolved"] == run["planted"] == ["model.layers.1.self_attn.o_proj:lora[0]"]
+    assert run["planted_rank"] == {run["planted"][0]: 1}
+    assert run["planted_p"][run["planted"][0]] > 0.5 > run["best_other"]["p"]
+    assert run["steps"] == 60
+    assert run["loss_search"] < 0.3 * run["loss_start"]
+    json.dumps(run)  # the suite writes it to JSON as is
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"trainer": {"bilevle": "second_order"}}, "bilevle"),
+        ({"trainer": {"train_dataset": None}}, "set by the probe itself"),
+        ({"config": {"budget": 3}}, "budget"),
+        ({"resolve": {"methd": "greedy"}}, "methd"),
+        ({"args": {"max_steps": 3}}, "max_steps"),
+        ({"trianer": {}}, "unknown keys"),
+        ({"steps": 0}, "steps"),
+    ],
+)
+def test_bad_variant_names_fail_clearly(spec, message):
+    with pytest.raises(ValueError, match=message):
+        planted.make_variant("bad", spec)
+
+
+def test_bad_variant_values_fail_before_the_suite_runs(tmp_path):
+    with pytest.raises(ValueError, match="not valid JSON"):
+        planted.parse_variant("x={bilevel: second_order}")
+    variant = planted.parse_variant('x={"trainer": {"bilevel": "third_order"}}')
+    with pytest.raises(ValueError, match="bilevel='third_order'"):
+        planted.run_suite([planted.CASES["bert-lora-q"]], [0], [variant], tmp_path / "out.json")
+    assert not (tmp_path / "out.json").exists()
+
+
+def test_resume_refuses_a_changed_variant_spec(tmp_path):
+    output = tmp_path / "out.json"
+    first = planted.make_variant("v", {"trainer": {"alpha_learning_rate": 0.3}})
+    planted._save(output, planted._start_results(output, False, [first], planted.Settings()))
+    changed = planted.make_variant("v", {"trainer": {"alpha_learning_rate": 1.0}})
+    with pytest.raises(ValueError, match="give the new spec another name"):
+        planted._start_results(output, True, [changed], planted.Settings())
+    results = planted._start_results(output, True, [first], planted.Settings())
+    assert len(results["commands"]) == 2
+    # A file written under other library defaults is not resumed: its `default` meant something else.
+    stale = json.loads(output.read_text())
+    stale["library_defaults"]["trainer"]["bilevel"] = "'some_other_mode'"
+    output.write_text(json.dumps(stale))
+    with pytest.raises(ValueError, match="other library defaults"):
+        planted._start_results(output, True, [first], planted.Settings())
