@@ -738,10 +738,8 @@ class S3SearchTrainer(Trainer):
             )
         greater = self.args.greater_is_better if self.args.greater_is_better is not None else not key.endswith("loss")
         value = metrics[key]
-        best = self.structure_evaluations and max(
-            (entry["value"] for entry in self.structure_evaluations), key=lambda v: v if greater else -v
-        )
-        if not self.structure_evaluations or (value > best if greater else value < best):
+        earlier = [entry["value"] for entry in self.structure_evaluations]
+        if not earlier or (value > max(earlier) if greater else value < min(earlier)):
             self.best_structure = structure
         self.structure_evaluations.append(
             {
