@@ -193,6 +193,16 @@ def _check_search_hyperparameters(
         raise ValueError(f"alpha_warmup_steps={alpha_warmup_steps!r} is not allowed: it must be an int >= 0.")
 
 
+def _annealing(annealing: Optional[SearchAnnealing | dict[str, Any]]) -> Optional[SearchAnnealing]:
+    if isinstance(annealing, dict):
+        return SearchAnnealing(**annealing)
+    if annealing is not None and not isinstance(annealing, SearchAnnealing):
+        raise ValueError(
+            f"annealing={annealing!r} is not allowed: pass a SearchAnnealing, a dict of its fields, or None."
+        )
+    return annealing
+
+
 def _check_checkpointing(args: TrainingArguments) -> None:
     checkpointing_kwargs = args.activation_checkpointing_kwargs or {}
     if args.activation_checkpointing and checkpointing_kwargs.get("use_reentrant", False):
@@ -384,12 +394,7 @@ class S3SearchTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         _check_search_hyperparameters(alpha_learning_rate, alpha_weight_decay, alpha_warmup_steps)
-        if isinstance(annealing, dict):
-            annealing = SearchAnnealing(**annealing)
-        elif annealing is not None and not isinstance(annealing, SearchAnnealing):
-            raise ValueError(
-                f"annealing={annealing!r} is not allowed: pass a SearchAnnealing, a dict of its fields, or None."
-            )
+        annealing = _annealing(annealing)
         if selection_method not in SELECTION_METHODS:
             raise ValueError(
                 f"selection_method={selection_method!r} is not allowed: choose one of {list(SELECTION_METHODS)}."
@@ -589,9 +594,8 @@ class S3SearchTrainer(Trainer):
 
     def _end_annealing(self) -> None:
         """The gates at the config's own budget and temperatures, whatever step the search stopped at."""
-        if self._bank is not None:
-            self._bank.budget_scale = 1.0
-            self._bank.tau, self._bank.beta = self._final_temperatures
+        if self._bank is not None and self.annealing is not None:
+            self.annealing.apply(self._bank, *self._final_temperatures, progress=1.0)
 
     def _check_stable(self) -> None:
         """Stop the search once the structure resolve would pick has stayed the same for `stop_when_stable` steps."""
@@ -812,8 +816,9 @@ class S3SearchCallback(TrainerCallback):
     step used. It takes alpha out of the Trainer's optimizer by freezing it when the Trainer is created, so pass it
     in `Trainer(callbacks=[...])`, not through `add_callback` afterwards; alpha stays frozen (`requires_grad=False`)
     outside the callback's own alpha steps. The Trainer's `train_dataset` is D_delta; keep it disjoint from D_alpha.
-    Batches of `search_dataloader` must carry labels, so that the model returns its loss. See the module docstring
-    for how this differs from `S3SearchTrainer`.
+    Batches of `search_dataloader` must carry labels, so that the model returns its loss. `annealing` (default
+    `DEFAULT_ANNEALING`, as in `S3SearchTrainer`) is applied at the start of each step. See the module docstring for
+    how this differs from `S3SearchTrainer`.
 
     Example:
 
@@ -828,11 +833,13 @@ class S3SearchCallback(TrainerCallback):
     def __init__(
         self,
         search_dataloader: Iterable,
-        alpha_learning_rate: float = 0.1,
+        alpha_learning_rate: float = 0.5,
         alpha_weight_decay: float = 0.0,
         alpha_warmup_steps: int = 0,
+        annealing: Optional[SearchAnnealing | dict[str, Any]] = DEFAULT_ANNEALING,
     ) -> None:
         _check_search_hyperparameters(alpha_learning_rate, alpha_weight_decay, alpha_warmup_steps)
+        self.annealing = _annealing(annealing)
         self.search_dataloader = search_dataloader
         self.alpha_learning_rate = alpha_learning_rate
         self.alpha_weight_decay = alpha_weight_decay
@@ -858,12 +865,10 @@ class S3SearchCallback(TrainerCallback):
                 "`Trainer(callbacks=[...])` (not `add_callback` after the Trainer was created), so it can keep alpha "
                 "out of that optimizer."
             )
+        self._num_search_steps = _search_steps(state.max_steps, self.alpha_warmup_steps)
+        self._final_temperatures = (self._bank.tau, self._bank.beta)
         self.alpha_optimizer, self.alpha_lr_scheduler = _alpha_optimizer(
-            self._alpha,
-            args,
-            self.alpha_learning_rate,
-            self.alpha_weight_decay,
-            _search_steps(state.max_steps, self.alpha_warmup_steps),
+            self._alpha, args, self.alpha_learning_rate, self.alpha_weight_decay, self._num_search_steps
         )
         # A resumed run continues the learning-rate schedule (the AdamW moments are not in the checkpoint).
         for _ in range(max(0, state.global_step - self.alpha_warmup_steps)):
@@ -872,7 +877,14 @@ class S3SearchCallback(TrainerCallback):
         self._device = args.device
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self.annealing is not None:
+            progress = self.annealing.progress(state.global_step - self.alpha_warmup_steps, self._num_search_steps)
+            self.annealing.apply(self._bank, *self._final_temperatures, progress)
         self._step_noise.enter_context(self._tuner.frozen_gate_noise())
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
+        if self.annealing is not None:
+            self.annealing.apply(self._bank, *self._final_temperatures, progress=1.0)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         try:

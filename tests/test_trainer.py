@@ -521,12 +521,19 @@ def test_callback_searches_alongside_a_plain_trainer(tmp_path):
         train_dataset=MarkerTask(32),
         callbacks=[callback],
     )
+    bank = model.base_model.gate_bank()
+    seen = []
+    model.base_model.model.register_forward_pre_hook(lambda *_: seen.append((bank.budget_scale, bank.tau)))
     trainer.train()
     assert not torch.equal(alpha, alpha_before)
     assert not any(p is alpha for group in trainer.optimizer.param_groups for p in group["params"])
     assert callback.alpha_lr_scheduler.last_epoch == 6
+    # The default annealing: a wider budget (4x, capped at 90 % of this tiny space) and tau 1 at the first step, the
+    # config's values from halfway on.
+    assert seen[0][0] > 1.0 and seen[0][1] == 1.0
+    assert seen[-1] == (1.0, model.base_model.peft_config["default"].tau)
     budget = model.base_model.budget()
-    assert abs(model.base_model.gate_bank().expected_num_params().item() - budget) <= 0.01 * budget
+    assert abs(bank.expected_num_params().item() - budget) <= 0.01 * budget
 
 
 def test_callback_added_after_init_is_refused(tmp_path):
