@@ -630,11 +630,17 @@ def _defaults(function: Any) -> dict[str, str]:
     return {p.name: repr(p.default) for p in parameters if p.default is not inspect.Parameter.empty}
 
 
+def _field_default(field_: dataclasses.Field) -> str:
+    if field_.default_factory is not dataclasses.MISSING:
+        return repr(field_.default_factory())
+    return repr(field_.default)
+
+
 def library_defaults() -> dict[str, dict[str, str]]:
     """The defaults a variant inherits (as repr strings): `default` means these, and they change between commits."""
     return {
         "trainer": _defaults(peft_s3.S3SearchTrainer.__init__),
-        "config": {f.name: repr(f.default) for f in dataclasses.fields(peft_s3.S3SearchConfig) if f.init},
+        "config": {f.name: _field_default(f) for f in dataclasses.fields(peft_s3.S3SearchConfig) if f.init},
         "resolve": _defaults(peft_s3.resolve),
     }
 
@@ -659,10 +665,16 @@ def _start_results(path: Path, resume: bool, variants: Sequence[Variant], settin
         )
     defaults = library_defaults()
     if old and old.get("library_defaults") != defaults:
+        recorded = old.get("library_defaults") or {}
+        changed = {
+            f"{group}.{name}": (recorded.get(group, {}).get(name), value)
+            for group, values in defaults.items()
+            for name, value in values.items()
+            if recorded.get(group, {}).get(name) != value
+        }
         raise ValueError(
-            f"{path} was written with other library defaults (trainer, config or resolve), so its runs and new ones "
-            "would not be comparable under the same variant names; write to a new --output. Old: "
-            f"{old.get('library_defaults')}; now: {defaults}."
+            f"{path} was written with other library defaults, so its runs and new ones would not be comparable under "
+            f"the same variant names; write to a new --output. Changed (then, now): {changed or recorded}."
         )
     results = old or {
         "settings": dataclasses.asdict(settings),
