@@ -176,13 +176,13 @@ def search_structure(
     seconds = time.perf_counter() - started
     final = resolve(model, method=trainer.selection_method)
     structure = trainer.best_structure if select_on_validation else final
-    p = model.base_model.gate_probabilities().tolist()
-    chosen = [index for index, candidate in enumerate(final.search_space) if candidate.selected]
-    sizes = [candidate.num_params for candidate in final.search_space]
+    # The resolved structure carries every candidate's final p: no second pass over the gates is needed.
+    space = final.search_space
+    chosen = [index for index, candidate in enumerate(space) if candidate.selected]
     stats = {
         "search_seconds": seconds,
         "search_steps": trainer.state.global_step,
-        "decided_mass": decided_mass(p, sizes, chosen, final.budget),
+        "decided_mass": decided_mass([c.p for c in space], [c.num_params for c in space], chosen, final.budget),
     }
     if select_on_validation:
         stats["structure_evaluations"] = trainer.structure_evaluations

@@ -223,20 +223,21 @@ def _search_steps(max_steps: int, alpha_warmup_steps: int) -> int:
     return max_steps - alpha_warmup_steps
 
 
-def _resolved_indices(bank: GateBank, method: str) -> list[int]:
-    """The candidates `resolve` would pick from the bank's current gates (indices in gate order)."""
+def _current_probabilities(bank: GateBank) -> torch.Tensor:
     with torch.no_grad():
-        p = bank.probabilities().detach().float().cpu().tolist()
+        return bank.probabilities().detach().float().cpu()
+
+
+def _resolved_indices(bank: GateBank, method: str, probabilities: torch.Tensor) -> list[int]:
+    """The candidates `resolve` would pick from the bank's current gates (indices in gate order)."""
     alpha = bank.alpha.detach().float().cpu().tolist()
-    return select(p, alpha, bank.sizes.long().cpu().tolist(), bank.budget, method)
+    return select(probabilities.tolist(), alpha, bank.sizes.long().cpu().tolist(), bank.budget, method)
 
 
-def _search_metrics(bank: GateBank, resolved: list[int]) -> dict[str, float]:
+def _search_metrics(bank: GateBank, probabilities: torch.Tensor, resolved: list[int]) -> dict[str, float]:
     """The `s3/...` log entries: expected size against the budget, the shift zeta, gate entropy, open gates, the
     temperatures and how decided the search is (`decided_mass`: share of the budget that the candidates `resolve`
     would pick hold, weighted by their p)."""
-    with torch.no_grad():
-        probabilities = bank.probabilities().detach().float().cpu()
     sizes = bank.sizes.cpu()
     return {
         "s3/expected_params": float(probabilities @ sizes.float()),
@@ -601,7 +602,7 @@ class S3SearchTrainer(Trainer):
         """Stop the search once the structure resolve would pick has stayed the same for `stop_when_stable` steps."""
         if self.stop_when_stable is None or self._annealing_progress() < 1.0:
             return
-        resolved = _resolved_indices(self._bank, self.selection_method)
+        resolved = _resolved_indices(self._bank, self.selection_method, _current_probabilities(self._bank))
         if resolved != self._stable_resolved:
             self._stable_resolved, self._stable_since = resolved, self.state.global_step
         elif self.state.global_step + 1 - self._stable_since >= self.stop_when_stable:
@@ -760,8 +761,10 @@ class S3SearchTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         """Adds the `s3/...` search metrics to every training-loss log entry."""
         if "loss" in logs and self._bank is not None:
-            resolved = _resolved_indices(self._bank, self.selection_method)
-            logs.update(_search_metrics(self._bank, resolved))
+            # One zeta solve for both: the probabilities are computed once per log entry.
+            probabilities = _current_probabilities(self._bank)
+            resolved = _resolved_indices(self._bank, self.selection_method, probabilities)
+            logs.update(_search_metrics(self._bank, probabilities, resolved))
             logs["s3/resolved_changed"] = len(set(resolved) ^ set(self._logged_resolved or []))
             self._logged_resolved = resolved
             if self._alpha_loss_steps:
