@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import re
 import tempfile
 import warnings
@@ -27,7 +28,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .selection import SELECTION_METHODS, select
 from .tuner.config import CANDIDATE_KINDS, S3SearchConfig
-from .tuner.model import S3Model
+from .tuner.model import S3Model, check_unwrapped_base
 from .tuner.search_space import Candidate, is_linear, is_norm
 
 GATE_REPORT_FILE = "s3_gates.json"
@@ -214,6 +215,17 @@ def _candidates_of(rows: list[dict[str, Any]]) -> list[Candidate]:
     return candidates
 
 
+def _check_finite_gates(rows: list[dict[str, Any]]) -> None:
+    # NaN compares false with everything, so a diverged search would otherwise resolve to an arbitrary structure.
+    broken = [row for row in rows if not (math.isfinite(row["p"]) and math.isfinite(row["alpha"]))]
+    if broken:
+        examples = ", ".join(f"{row['name']} (alpha={row['alpha']}, p={row['p']})" for row in broken[:3])
+        raise ValueError(
+            f"{len(broken)} of {len(rows)} gates are not finite, e.g. {examples}: the search diverged, so its gates "
+            "rank nothing. Search again with a lower alpha_learning_rate or learning_rate (or without fp16)."
+        )
+
+
 _CANDIDATE_FIELDS = tuple(field_.name for field_ in dataclasses.fields(Candidate))
 
 
@@ -261,6 +273,7 @@ def resolve(
         report["budget"] if budget is None else dataclasses.replace(config, budget=budget).absolute_budget(backbone)
     )
     rows = report["candidates"]
+    _check_finite_gates(rows)
     candidates = _candidates_of(rows)
     sizes = [candidate.num_params for candidate in candidates]
     if limit < min(sizes):
@@ -561,8 +574,11 @@ def apply_structure(base_model: nn.Module, structure: SearchedStructure, adapter
 
     `base_model` may be another instance of the architecture the structure was searched on, e.g. to transfer a
     structure found on one task to another. A model whose modules have other sizes gets the same positions with its
-    own parameter counts, and a warning.
+    own parameter counts, and a warning. It must be a plain base: not the search's PeftModel, and not a base that
+    a search wrapped in place (see `peft_s3.tuner.model.check_unwrapped_base`).
     """
+    # Before get_peft_model: peft's tuner writes its config into the peft_config dict of a wrapped base it is given.
+    check_unwrapped_base(base_model)
     model = get_peft_model(base_model, structure.to_peft_config(), adapter_name=adapter_name)
     built = sum(candidate.num_params for candidate in model.base_model.candidates(adapter_name))
     if built != structure.num_trainable_params:

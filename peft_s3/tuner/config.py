@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
+import torch
 from peft.config import PeftConfig
 from peft.utils import PeftType
 from transformers.activations import ACT2FN
@@ -180,8 +182,9 @@ class S3SearchConfig(PeftConfig):
                 raise ValueError(f"{name}={value!r} is not allowed: it must be an int >= 1.")
         for name in ("tau", "beta"):
             value = getattr(self, name)
-            if not value > 0:
-                raise ValueError(f"{name}={value!r} is not allowed: the temperature must be > 0.")
+            if not (_is_real(value) and 0 < value < math.inf):
+                raise ValueError(f"{name}={value!r} is not allowed: the temperature must be a finite number > 0.")
+            setattr(self, name, float(value))
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout={self.lora_dropout!r} is not allowed: it must be in [0, 1).")
         if self.adapter_activation not in ACT2FN:
@@ -190,6 +193,12 @@ class S3SearchConfig(PeftConfig):
             )
 
     def _validate_budget(self) -> None:
+        # NumPy and 0-d torch scalars are real numbers too; plain Python numbers keep the config JSON-serialisable.
+        if isinstance(self.budget, torch.Tensor) and self.budget.ndim == 0 and self.budget.dtype != torch.bool:
+            self.budget = self.budget.detach().cpu().numpy()[()]
+        if _is_real(self.budget):
+            # str() of a NumPy float is its shortest round-trip decimal, so float32(0.01) stays 0.01, not 0.0099999998.
+            self.budget = int(self.budget) if isinstance(self.budget, numbers.Integral) else float(str(self.budget))
         budget = self.budget
         if budget is None:
             raise ValueError(
@@ -243,3 +252,7 @@ class S3SearchConfig(PeftConfig):
         if self.budget < 1:
             return int(self.budget * backbone_params)
         return int(self.budget)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Iterator
 from itertools import groupby
 from typing import Any, Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -67,6 +68,7 @@ class S3Model(BaseTuner):
     def _plan_adapter(self, model: nn.Module, adapter_name: str) -> None:
         """Decide the candidates of `adapter_name`, validate them and create its structural parameters."""
         if "s3_alpha" not in self._modules:
+            check_unwrapped_base(model)
             self.s3_alpha = nn.ParameterDict()
             self._s3_candidates: dict[str, list[Candidate]] = {}
             self._s3_banks: dict[str, Optional[GateBank]] = {}
@@ -75,14 +77,14 @@ class S3Model(BaseTuner):
         # The signature written below must describe this model only: on the caller's config object it would make
         # reusing that config for another model fail as if it were a checkpoint of the first one.
         config: S3SearchConfig = copy.copy(self.peft_config[adapter_name])
+        if config.modules_to_save is not None:
+            # PeftModelForSequenceClassification appends "classifier" and "score" to a list that, for a structure
+            # resolved from a classifier's search, already holds them; saved configs would list them twice.
+            config.modules_to_save = list(dict.fromkeys(config.modules_to_save))
         self.peft_config[adapter_name] = config
         candidates = build_search_space(model, config) if config.is_search else build_fixed_structure(model, config)
         if not candidates:
-            raise ValueError(
-                f"No S3 candidates found in {type(model).__name__} for candidate_kinds={config.candidate_kinds}: no "
-                "transformer block stack (a ModuleList of identical blocks with linear layers) was detected and no "
-                "`target_modules` / `norm_modules` / `adapter_modules` were given. Name the modules to search over."
-            )
+            raise ValueError(_no_candidates_message(model, config))
         _check_not_nested(candidates)
         digest = signature(candidates)
         if config.search_space_signature is not None and config.search_space_signature != digest:
@@ -173,15 +175,10 @@ class S3Model(BaseTuner):
         self._replace_module(parent, target_name, new_module, target)
 
     def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        # BaseTuner's version also copies `child.weight` onto replacements without a base layer. Here those occur
+        # only when unloading (the base layer itself, or a trained modules_to_save copy such as RoBERTa's
+        # classification head, which has no `weight`), and S3 layers are built on their child's device already.
         setattr(parent, child_name, new_module)
-        if hasattr(child, "base_layer"):
-            child = child.base_layer
-        if not hasattr(new_module, "base_layer"):
-            new_module.weight = child.weight
-            if hasattr(child, "bias"):
-                new_module.bias = child.bias
-        if getattr(child, "state", None) is not None:
-            new_module.state = child.state
 
     def _refresh_gates(self, training: bool) -> None:
         for name in self.active_adapters:
@@ -325,6 +322,34 @@ class S3Model(BaseTuner):
         finally:
             for bank in banks:
                 bank.noise_frozen = False
+
+
+def check_unwrapped_base(model: nn.Module) -> None:
+    """Refuse a base that already holds adapter layers: peft injects in place, so it may be an earlier search's."""
+    wrapped = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    if wrapped:
+        raise ValueError(
+            f"This {type(model).__name__} already carries peft adapter layers ({wrapped[0]!r} and {len(wrapped) - 1} "
+            "more). get_peft_model changes the base model in place, as in peft, so a base used for a search still "
+            "holds the whole search space and its gates. Pass a fresh base (from_pretrained again, or a "
+            "copy.deepcopy(base_model) taken before get_peft_model); to put a second adapter on the same PeftModel, "
+            "use its add_adapter."
+        )
+
+
+def _no_candidates_message(model: nn.Module, config: S3SearchConfig) -> str:
+    found = f"No S3 candidates found in {type(model).__name__} for candidate_kinds={config.candidate_kinds}"
+    if config.is_search and config.exclude_modules is not None:
+        unexcluded = dataclasses.replace(config, exclude_modules=None)
+        if build_search_space(model, unexcluded):
+            return (
+                f"{found}: exclude_modules={config.exclude_modules!r} excludes every module that would carry one. "
+                "Narrow the pattern (it is matched against full module names, e.g. '.*attention.*')."
+            )
+    return (
+        f"{found}: no transformer block stack (a ModuleList of identical blocks with linear layers) was detected and "
+        "no `target_modules` / `norm_modules` / `adapter_modules` were given. Name the modules to search over."
+    )
 
 
 def _check_not_nested(candidates: list[Candidate]) -> None:

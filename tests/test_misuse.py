@@ -1,0 +1,138 @@
+"""Inputs that once gave silently wrong structures or deep stack traces: each now fails early and says why."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_MODELS, make_batch
+from peft import get_peft_model
+from transformers import (
+    ElectraConfig,
+    ElectraForSequenceClassification,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+from peft_s3 import S3SearchConfig, apply_structure, resolve
+
+BUDGET = 300
+
+
+def _search_model():
+    return get_peft_model(TINY_MODELS["bert"](), S3SearchConfig(budget=BUDGET, task_type="SEQ_CLS"))
+
+
+def test_resolve_refuses_non_finite_gates():
+    model = _search_model()
+    with torch.no_grad():
+        model.base_model.s3_alpha["default"][3] = float("nan")
+    with pytest.raises(ValueError, match=r"not finite.*search diverged"):
+        resolve(model)
+
+
+def test_apply_structure_refuses_the_base_a_search_wrapped():
+    base = TINY_MODELS["bert"]()
+    search = get_peft_model(base, S3SearchConfig(budget=BUDGET, task_type="SEQ_CLS"))
+    structure = resolve(search)
+    with pytest.raises(ValueError, match=r"already carries peft adapter layers.*fresh base"):
+        apply_structure(base, structure)
+    # The search is untouched: it still resolves to the same structure.
+    assert resolve(search).candidates == structure.candidates
+
+
+def test_failed_apply_structure_leaves_the_search_model_intact(tmp_path):
+    search = _search_model()
+    structure = resolve(search)
+    with pytest.raises(ValueError, match="already carries peft adapter layers"):
+        apply_structure(search, structure)
+    assert search.peft_config["default"].is_search
+    assert resolve(search).candidates == structure.candidates
+    search.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert saved["budget"] == BUDGET and saved["structure"] is None
+
+
+def test_get_peft_model_refuses_a_wrapped_base():
+    base = TINY_MODELS["bert"]()
+    get_peft_model(base, S3SearchConfig(budget=BUDGET, task_type="SEQ_CLS"))
+    with pytest.raises(ValueError, match="already carries peft adapter layers"):
+        get_peft_model(base, S3SearchConfig(budget=BUDGET, task_type="SEQ_CLS"), adapter_name="other")
+
+
+def test_saved_structure_lists_each_module_to_save_once(tmp_path):
+    structure = resolve(_search_model())
+    model = apply_structure(TINY_MODELS["bert"](), structure)
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]
+    assert sorted(saved) == ["classifier", "score"]
+
+
+def _tiny_encoder_config(config_class):
+    extra = {"embedding_size": 16} if config_class is ElectraConfig else {}
+    return config_class(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=40,
+        **extra,
+    )
+
+
+@pytest.mark.parametrize(
+    "model_class, config_class",
+    [(RobertaForSequenceClassification, RobertaConfig), (ElectraForSequenceClassification, ElectraConfig)],
+)
+def test_merge_and_unload_with_a_non_linear_head(model_class, config_class):
+    # Their classification heads are small modules (dense, dropout, out_proj), not a Linear with a weight.
+    config = _tiny_encoder_config(config_class)
+    structure = resolve(get_peft_model(model_class(config), S3SearchConfig(budget=BUDGET, task_type="SEQ_CLS")))
+    model = apply_structure(model_class(config), structure)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.normal_(std=0.1)
+    model.eval()
+    input_ids = make_batch("bert")["input_ids"]
+    expected = model(input_ids=input_ids).logits
+    merged = model.merge_and_unload()
+    assert not isinstance(merged, type(model))
+    torch.testing.assert_close(merged(input_ids=input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "budget, expected",
+    [
+        (np.float32(0.01), 0.01),
+        (np.float64(0.01), 0.01),
+        (np.int64(300), 300),
+        (torch.tensor(300), 300),
+        (torch.tensor(0.01), 0.01),
+    ],
+)
+def test_numpy_and_torch_scalar_budgets_become_python_numbers(budget, expected):
+    config = S3SearchConfig(budget=budget)
+    assert config.budget == expected and type(config.budget) is type(expected)
+    json.dumps(config.to_dict())
+
+
+@pytest.mark.parametrize("budget", [torch.tensor([300]), torch.tensor(True), np.float32("nan")])
+def test_non_scalar_or_non_finite_budgets_are_refused(budget):
+    with pytest.raises(ValueError, match="budget=.*is not allowed"):
+        S3SearchConfig(budget=budget)
+
+
+@pytest.mark.parametrize("name", ["tau", "beta"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), 0.0, -1.0])
+def test_temperatures_must_be_finite_and_positive(name, value):
+    with pytest.raises(ValueError, match=f"{name}=.*finite number > 0"):
+        S3SearchConfig(budget=BUDGET, **{name: value})
+
+
+def test_an_exclusion_that_empties_the_space_is_named():
+    with pytest.raises(ValueError, match=r"exclude_modules='\.\*' excludes every module"):
+        get_peft_model(TINY_MODELS["bert"](), S3SearchConfig(budget=BUDGET, exclude_modules=".*"))
