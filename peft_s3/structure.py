@@ -373,6 +373,61 @@ class SearchedStructure:
         data["modules"] = {name: ModuleInfo(**info) for name, info in data.get("modules", {}).items()}
         return cls(**data)
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_path: Union[str, Path],
+        revision: Optional[str] = None,
+        *,
+        subfolder: Optional[str] = None,
+        cache_dir: Optional[Union[str, Path]] = None,
+        token: Optional[Union[str, bool]] = None,
+        local_files_only: bool = False,
+    ) -> SearchedStructure:
+        """A structure from a local path (as `load`) or from the Hub repo that `push_to_hub_with_structure` wrote.
+
+        Hub files go through huggingface_hub's cache, so once fetched they load with `HF_HUB_OFFLINE=1` too.
+        """
+        if Path(repo_id_or_path).exists():
+            return cls.load(Path(repo_id_or_path) / (subfolder or ""))
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HFValidationError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
+
+        where = f"{repo_id_or_path!r}" + (f" at revision {revision!r}" if revision else "")
+        try:
+            file = hf_hub_download(
+                str(repo_id_or_path),
+                STRUCTURE_FILE,
+                subfolder=subfolder,
+                revision=revision,
+                cache_dir=cache_dir,
+                token=token,
+                local_files_only=local_files_only,
+                library_name="peft-s3",
+            )
+        except HFValidationError:
+            raise ValueError(
+                f"{repo_id_or_path!r} is neither an existing local path nor a valid Hub repo id (owner/name)."
+            ) from None
+        except LocalEntryNotFoundError:
+            raise FileNotFoundError(
+                f"{STRUCTURE_FILE} of {where} is not in the local Hugging Face cache and the Hub cannot be reached "
+                "(offline mode or no network). Fetch it once while online, or pass a local path."
+            ) from None
+        except (RepositoryNotFoundError, RevisionNotFoundError) as error:
+            raise FileNotFoundError(f"No Hub repo {where}: {type(error).__name__}.") from None
+        except EntryNotFoundError:
+            raise FileNotFoundError(
+                f"The Hub repo {where} has no {STRUCTURE_FILE}; it is written by `peft_s3.push_to_hub_with_structure`."
+            ) from None
+        return cls.load(file)
+
     # ------------------------------------------------------------------------------------------- display
 
     def _summary(self) -> str:
@@ -569,8 +624,16 @@ def _structure_file(path: Union[str, Path]) -> Path:
     return path if path.suffix == ".json" else path / STRUCTURE_FILE
 
 
-def apply_structure(base_model: nn.Module, structure: SearchedStructure, adapter_name: str = "default") -> PeftModel:
+def apply_structure(
+    base_model: nn.Module,
+    structure: Union[SearchedStructure, str, Path],
+    adapter_name: str = "default",
+    revision: Optional[str] = None,
+) -> PeftModel:
     """A PeftModel with exactly `structure`'s candidates on `base_model`, freshly initialised and ready to retrain.
+
+    `structure` is a `SearchedStructure`, or a local path or Hub repo id for `SearchedStructure.from_pretrained`
+    (with `revision`).
 
     `base_model` may be another instance of the architecture the structure was searched on, e.g. to transfer a
     structure found on one task to another. A model whose modules have other sizes gets the same positions with its
@@ -579,6 +642,10 @@ def apply_structure(base_model: nn.Module, structure: SearchedStructure, adapter
     """
     # Before get_peft_model: peft's tuner writes its config into the peft_config dict of a wrapped base it is given.
     check_unwrapped_base(base_model)
+    if not isinstance(structure, SearchedStructure):
+        structure = SearchedStructure.from_pretrained(structure, revision)
+    elif revision is not None:
+        raise ValueError(f"revision={revision!r} applies to a structure given by repo id or path, not to an object.")
     model = get_peft_model(base_model, structure.to_peft_config(), adapter_name=adapter_name)
     built = sum(candidate.num_params for candidate in model.base_model.candidates(adapter_name))
     if built != structure.num_trainable_params:
@@ -613,8 +680,9 @@ def write_model_card(save_directory: Union[str, Path], structure: SearchedStruct
                 if (Path(save_directory) / STRUCTURE_FIGURE).is_file()
                 else []
             ),
-            f"`{STRUCTURE_FILE}` holds it: `peft_s3.structure.SearchedStructure.load(path)` reads it and "
-            "`peft_s3.structure.apply_structure(base_model, structure)` builds it afresh for retraining.",
+            f"`{STRUCTURE_FILE}` holds it: `peft_s3.apply_structure(base_model, \"<this repo id or folder>\")` "
+            "builds it afresh on a base model for retraining, and "
+            "`peft_s3.SearchedStructure.from_pretrained(\"<this repo id or folder>\")` reads it.",
             _MODEL_CARD_END,
         ]
     )
