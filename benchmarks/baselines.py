@@ -43,8 +43,10 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 import peft_s3
+from peft_s3.gate_report import gate_report
 from peft_s3.recipes import TrainingRecipe
-from peft_s3.structure import SearchedStructure, gate_report, resolve
+from peft_s3.resolution import resolve
+from peft_s3.structure import SearchedStructure
 from peft_s3.tuner.search_space import build_search_space
 
 KIND_BASELINES: dict[str, str] = {"bitfit": "bitfit", "lnfit": "lnfit", "adapter-lr": "adapter"}
@@ -61,7 +63,7 @@ def search_space_report(
     task_type: str = "SEQ_CLS",
     modules_to_save: Optional[Sequence[str]] = None,
 ) -> dict[str, Any]:
-    """The gate report (`peft_s3.structure.gate_report`) of a fresh S3 search adapter on a copy of `model`.
+    """The gate report (`peft_s3.gate_report.gate_report`) of a fresh S3 search adapter on a copy of `model`.
 
     It lists every candidate of the search space with its module, kind and size; `model` itself is left untouched.
     `modules_to_save` are trained in full besides the candidates (e.g. a pooler in front of the classifier, which

@@ -27,7 +27,8 @@ from peft_s3.recipes import (
     search_structure,
     train_and_evaluate,
 )
-from peft_s3.structure import apply_structure, save_pretrained_with_structure
+from peft_s3.sharing import save_pretrained_with_structure
+from peft_s3.structure import apply_structure
 
 SPACES = {"mix": list(peft_s3.MIX_SPACE), "lora": list(peft_s3.LORA_SPACE)}
 

@@ -7,16 +7,11 @@ Importing the package registers the method with peft, after which `peft.get_peft
 from . import data, metrics
 from ._registration import register
 from .annealing import DEFAULT_ANNEALING, SearchAnnealing
+from .gate_report import gate_report, load_gate_report, save_gate_report
 from .plotting import plot_structure, structure_matrix
-from .structure import (
-    SearchedStructure,
-    apply_structure,
-    load_gate_report,
-    push_to_hub_with_structure,
-    resolve,
-    save_gate_report,
-    save_pretrained_with_structure,
-)
+from .resolution import resolve
+from .sharing import push_to_hub_with_structure, save_pretrained_with_structure, write_model_card
+from .structure import SearchedStructure, apply_structure
 from .trainer import S3SearchCallback, S3SearchTrainer
 from .tuner import CANDIDATE_KINDS, LORA_SPACE, MIX_SPACE, Candidate, S3Model, S3SearchConfig
 
@@ -39,6 +34,7 @@ __all__ = [
     "__version__",
     "apply_structure",
     "data",
+    "gate_report",
     "load_gate_report",
     "metrics",
     "plot_structure",
@@ -47,4 +43,5 @@ __all__ = [
     "save_gate_report",
     "save_pretrained_with_structure",
     "structure_matrix",
+    "write_model_card",
 ]

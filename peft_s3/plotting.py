@@ -12,7 +12,9 @@ from typing import TYPE_CHECKING, Any, Optional, Union
 
 import numpy as np
 
-from .structure import SearchedStructure, _report_of, resolve
+from .gate_report import report_of
+from .resolution import resolve
+from .structure import SearchedStructure
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -51,7 +53,7 @@ def _entries(source: Any, value: str, adapter_name: Optional[str]) -> list[tuple
             )
         structure = resolve(source, adapter_name=adapter_name)
     else:
-        rows = source if isinstance(source, list) else _report_of(source, adapter_name)["candidates"]
+        rows = source if isinstance(source, list) else report_of(source, adapter_name)["candidates"]
         return [(row["stack"], row["layer"], row["position"], row["kind"], row["p"]) for row in rows]
     return [
         (c.stack, c.layer, c.position, c.kind, float(c.selected) if value == "selected" else c.p)
@@ -78,7 +80,7 @@ def structure_matrix(source: Any, value: str = "p", adapter_name: Optional[str] 
 
     Args:
         source: a `SearchedStructure`; a PeftModel / S3Model with a search adapter; a directory with s3_gates.json
-            or a report dict (`peft_s3.structure.gate_report`); or a list of `S3Model.gate_report` rows (value="p"
+            or a report dict (`peft_s3.gate_report.gate_report`); or a list of `S3Model.gate_report` rows (value="p"
             only). For value="selected", anything but a SearchedStructure is resolved with its search budget.
         value: "p" (gate probabilities) or "selected" (the resolved structure).
         adapter_name: the adapter of a model or report (default: the active one).

@@ -28,8 +28,9 @@ from transformers import (
 
 from .data import load_dataset_splits, tokenize_splits
 from .metrics import classification_compute_metrics
+from .resolution import resolve
 from .selection import decided_mass
-from .structure import SearchedStructure, resolve
+from .structure import SearchedStructure
 from .trainer import S3SearchTrainer
 from .tuner.config import S3SearchConfig
 

@@ -1,41 +1,29 @@
-"""From a structure search to a fixed structure: selection under the budget, export, retraining and sharing.
+"""The fixed structure chosen by a search: `SearchedStructure`, its file, its LoRA conversion, and rebuilding it.
 
 After the search (paper, section 3.2, "Evaluation of the Searched Structure") the final structure is chosen
-deterministically from the gate probabilities p_i instead of being sampled, then re-initialised and retrained.
-`resolve` does the choosing, `SearchedStructure` holds the result and turns it into configs, and the hub helpers
-save or push a retrained adapter together with its structure and a model-card section.
+deterministically from the gate probabilities (`peft_s3.resolve`), then re-initialised and retrained:
+`SearchedStructure` holds it, turns it into a fixed-structure `S3SearchConfig` or a `peft.LoraConfig`, and
+`apply_structure` builds it afresh on a base model.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import math
 import re
-import tempfile
 import warnings
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Optional, Union
 
-import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from .selection import SELECTION_METHODS, select
 from .tuner.config import CANDIDATE_KINDS, S3SearchConfig
-from .tuner.model import S3Model, check_unwrapped_base
-from .tuner.search_space import Candidate, is_linear, is_norm
+from .tuner.model import check_unwrapped_base
+from .tuner.search_space import Candidate
 
-GATE_REPORT_FILE = "s3_gates.json"
 STRUCTURE_FILE = "s3_structure.json"
-STRUCTURE_FIGURE = "s3_structure.png"
-MODEL_CARD_HEADING = "## S3 searched structure"
-_MODEL_CARD_END = "<!-- end of S3 searched structure -->"
 
 LORA_POLICIES = ("raise", "drop", "approximate")
 
@@ -104,204 +92,6 @@ class LoraConversion:
     @property
     def exact(self) -> bool:
         return not self.approximated and not self.dropped
-
-
-def _s3_model(model: nn.Module) -> S3Model:
-    if isinstance(model, S3Model):
-        return model
-    base = getattr(model, "base_model", None)
-    if isinstance(base, S3Model):
-        return base
-    wrapped = f" (wrapping {type(base).__name__})" if isinstance(model, PeftModel) else ""
-    raise ValueError(
-        f"Expected a PeftModel with an S3 adapter or an S3Model, got {type(model).__name__}{wrapped}. Create the "
-        "model with `peft.get_peft_model(base_model, peft_s3.S3SearchConfig(...))`."
-    )
-
-
-def _module_info(s3_model: S3Model, module_names: Iterable[str]) -> dict[str, dict[str, Any]]:
-    modules = dict(s3_model.model.named_modules())
-    info = {}
-    for name in module_names:
-        module = modules[name]
-        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
-        bias = getattr(base, "bias", None)
-        if is_linear(base):
-            kind = "conv1d" if isinstance(base, Conv1D) else "linear"
-        else:
-            kind = "norm" if is_norm(base) else "other"
-        info[name] = {"type": kind, "bias_params": bias.numel() if isinstance(bias, torch.Tensor) else 0}
-    return info
-
-
-def gate_report(model: nn.Module, adapter_name: Optional[str] = None) -> dict[str, Any]:
-    """The state of an S3 adapter's search as plain JSON data: what `save_gate_report` writes.
-
-    Keys: adapter_name, budget (absolute; None for a fixed structure), backbone_num_params, search_space_signature,
-    config (the adapter's config as a dict), modules (per candidate module: type and own bias size) and candidates
-    (the rows of `S3Model.gate_report`: name, kind, module, stack, layer, position, num_params, alpha, p).
-    """
-    s3_model = _s3_model(model)
-    name = adapter_name or s3_model.active_adapters[0]
-    rows = s3_model.gate_report(name)
-    config: S3SearchConfig = s3_model.peft_config[name]
-    report = {
-        "adapter_name": name,
-        "budget": s3_model.budget(name),
-        "backbone_num_params": s3_model.backbone_num_params,
-        "search_space_signature": config.search_space_signature,
-        "config": config.to_dict(),
-        "modules": _module_info(s3_model, dict.fromkeys(row["module"] for row in rows)),
-        "candidates": rows,
-    }
-    # A JSON round trip makes a report taken from a live model identical to one loaded from disk (plain str instead
-    # of peft's str enums), so resolving either gives equal structures.
-    return json.loads(json.dumps(report))
-
-
-def save_gate_report(model: nn.Module, directory: Union[str, Path], adapter_name: Optional[str] = None) -> Path:
-    """Write the adapter's `gate_report` to `directory/s3_gates.json` (creating the directory); returns the file."""
-    path = Path(directory) / GATE_REPORT_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(gate_report(model, adapter_name), indent=1))
-    return path
-
-
-def load_gate_report(path: Union[str, Path]) -> dict[str, Any]:
-    """Read a report written by `save_gate_report`: pass the directory or the s3_gates.json file itself."""
-    path = Path(path)
-    file = path / GATE_REPORT_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise FileNotFoundError(f"No S3 gate report at {file}: expected a directory containing {GATE_REPORT_FILE}.")
-    report = json.loads(file.read_text())
-    missing = {"adapter_name", "budget", "backbone_num_params", "config", "modules", "candidates"} - set(report)
-    if missing:
-        raise ValueError(f"{file} is not an S3 gate report: it lacks the keys {sorted(missing)}.")
-    return report
-
-
-def _report_of(source: Any, adapter_name: Optional[str]) -> dict[str, Any]:
-    if isinstance(source, (str, Path)):
-        report = load_gate_report(source)
-    elif isinstance(source, dict):
-        report = source
-    else:
-        return gate_report(source, adapter_name)
-    if adapter_name is not None and adapter_name != report.get("adapter_name"):
-        raise ValueError(
-            f"adapter_name={adapter_name!r}, but this gate report belongs to adapter {report.get('adapter_name')!r}."
-        )
-    return report
-
-
-def _search_config(report: dict[str, Any]) -> S3SearchConfig:
-    names = {f.name for f in dataclasses.fields(S3SearchConfig) if f.init}
-    return S3SearchConfig(**{key: value for key, value in report["config"].items() if key in names})
-
-
-def _candidates_of(rows: list[dict[str, Any]]) -> list[Candidate]:
-    # Reports name LoRA slots only inside `name`; slots are numbered in gate order per module and kind, as the
-    # search space builds them.
-    slots: dict[tuple[str, str], int] = {}
-    candidates = []
-    for row in rows:
-        key = (row["module"], row["kind"])
-        slots[key] = slots.get(key, -1) + 1
-        candidates.append(
-            Candidate(
-                row["module"], row["kind"], slots[key], row["num_params"], row["stack"], row["layer"], row["position"]
-            )
-        )
-    return candidates
-
-
-def _check_finite_gates(rows: list[dict[str, Any]]) -> None:
-    # NaN compares false with everything, so a diverged search would otherwise resolve to an arbitrary structure.
-    broken = [row for row in rows if not (math.isfinite(row["p"]) and math.isfinite(row["alpha"]))]
-    if broken:
-        examples = ", ".join(f"{row['name']} (alpha={row['alpha']}, p={row['p']})" for row in broken[:3])
-        raise ValueError(
-            f"{len(broken)} of {len(rows)} gates are not finite, e.g. {examples}: the search diverged, so its gates "
-            "rank nothing. Search again with a lower alpha_learning_rate or learning_rate (or without fp16)."
-        )
-
-
-_CANDIDATE_FIELDS = tuple(field_.name for field_ in dataclasses.fields(Candidate))
-
-
-def _fields(candidate: Candidate) -> dict[str, Any]:
-    # Neither dataclasses.asdict (a deep copy per field) nor dataclasses.fields per call: either dominated resolve's
-    # run time on search spaces of 100k candidates.
-    return {name: getattr(candidate, name) for name in _CANDIDATE_FIELDS}
-
-
-def resolve(
-    model_or_checkpoint: Any,
-    budget: Optional[Union[int, float]] = None,
-    adapter_name: Optional[str] = None,
-    method: str = "exact",
-) -> SearchedStructure:
-    """Choose the final structure of an S3 search: the candidates of highest total gate probability p that fit.
-
-    `method="exact"` (the default) is the paper's rule: the set with the highest sum of p within the budget, a 0/1
-    knapsack solved exactly (`peft_s3.selection.exact_selection`; it falls back to the greedy rule, with a warning,
-    on search spaces too large for its table). `method="greedy"` takes candidates by descending p (ties broken by
-    descending alpha, which p = sigmoid((alpha - zeta) / tau) can hide when it saturates in float32, then by
-    candidate order) while they fit, skipping one that does not and filling with smaller ones further down. The two
-    agree when the gates are decided (p near 0 or 1); the result is deterministic either way.
-
-    Args:
-        model_or_checkpoint: a PeftModel or S3Model with a search adapter, a directory (or file) holding the
-            s3_gates.json written by `save_gate_report`, or a report dict from `gate_report` / `load_gate_report`.
-        budget: overrides the search budget: an int >= 1 is an absolute parameter count, a float in (0, 1) a fraction
-            of the backbone's parameters. p depends on the budget only through a shared shift, so the ranking is
-            that of the search; only the cut-off moves.
-        adapter_name: the adapter to resolve (default: the active one).
-        method: `"exact"` or `"greedy"` (`peft_s3.selection.SELECTION_METHODS`).
-    """
-    report = _report_of(model_or_checkpoint, adapter_name)
-    config = _search_config(report)
-    if not config.is_search or report["budget"] is None:
-        raise ValueError(
-            f"Adapter {report.get('adapter_name')!r} has a fixed structure (S3SearchConfig.structure), not a search, "
-            "so there is nothing to resolve. Resolve the model or checkpoint of the search instead."
-        )
-    if method not in SELECTION_METHODS:
-        raise ValueError(f"method={method!r} is not allowed: choose one of {list(SELECTION_METHODS)}.")
-    backbone = report["backbone_num_params"]
-    limit = (
-        report["budget"] if budget is None else dataclasses.replace(config, budget=budget).absolute_budget(backbone)
-    )
-    rows = report["candidates"]
-    _check_finite_gates(rows)
-    candidates = _candidates_of(rows)
-    sizes = [candidate.num_params for candidate in candidates]
-    if limit < min(sizes):
-        raise ValueError(
-            f"budget={budget if budget is not None else report['budget']!r} allows {limit} trainable parameters, "
-            f"fewer than the smallest candidate ({min(sizes)}): no structure fits. Use a budget >= {min(sizes)}."
-        )
-    chosen = set(select([row["p"] for row in rows], [row["alpha"] for row in rows], sizes, limit, method))
-    search_space = [
-        ScoredCandidate(**_fields(candidate), p=row["p"], selected=index in chosen)
-        for index, (candidate, row) in enumerate(zip(candidates, rows, strict=True))
-    ]
-    modules = {c.module for c in search_space if c.selected}
-    return SearchedStructure(
-        search_space=search_space,
-        budget=limit,
-        backbone_num_params=backbone,
-        lora_alpha=config.lora_alpha,
-        max_rank=config.max_rank,
-        lora_dropout=config.lora_dropout,
-        adapter_rank=config.adapter_rank,
-        adapter_activation=config.adapter_activation,
-        modules_to_save=None if config.modules_to_save is None else list(config.modules_to_save),
-        task_type=config.task_type,
-        base_model_name_or_path=config.base_model_name_or_path,
-        modules={name: ModuleInfo(**info) for name, info in report["modules"].items() if name in modules},
-        search_space_signature=report.get("search_space_signature"),
-    )
 
 
 @dataclass
@@ -655,102 +445,3 @@ def apply_structure(
             stacklevel=2,
         )
     return model
-
-
-# ----------------------------------------------------------------------------------------------- hub
-
-
-def write_model_card(save_directory: Union[str, Path], structure: SearchedStructure) -> Path:
-    """Add (or replace) the "S3 searched structure" section of `save_directory/README.md`; returns the file.
-
-    The section shows the heatmap `save_directory/s3_structure.png` when that file exists.
-    """
-    path = Path(save_directory) / "README.md"
-    section = "\n".join(
-        [
-            MODEL_CARD_HEADING,
-            "",
-            "The structure of this adapter was found by Sparse Structure Search for Parameter-Efficient Tuning "
-            "(S3PET) with `peft-s3`.",
-            "",
-            structure.to_markdown(),
-            "",
-            *(
-                [f"![S3 searched structure: selected candidates per layer and position]({STRUCTURE_FIGURE})", ""]
-                if (Path(save_directory) / STRUCTURE_FIGURE).is_file()
-                else []
-            ),
-            f"`{STRUCTURE_FILE}` holds it: `peft_s3.apply_structure(base_model, \"<this repo id or folder>\")` "
-            "builds it afresh on a base model for retraining, and "
-            "`peft_s3.SearchedStructure.from_pretrained(\"<this repo id or folder>\")` reads it.",
-            _MODEL_CARD_END,
-        ]
-    )
-    text = path.read_text(encoding="utf8") if path.exists() else ""
-    start = text.find(MODEL_CARD_HEADING)
-    if start == -1:
-        text = f"{text.rstrip()}\n\n{section}\n" if text.strip() else f"{section}\n"
-    else:
-        end = text.find(_MODEL_CARD_END, start)
-        if end == -1:
-            # A section edited by hand may have lost its end marker; it then ends at the next level-2 heading.
-            following = re.search(r"^## ", text[start + len(MODEL_CARD_HEADING) :], flags=re.MULTILINE)
-            end = len(text) if following is None else start + len(MODEL_CARD_HEADING) + following.start()
-        else:
-            end += len(_MODEL_CARD_END)
-        text = text[:start] + section + text[end:]
-    path.write_text(text, encoding="utf8")
-    return path
-
-
-def save_pretrained_with_structure(
-    peft_model: PeftModel,
-    save_directory: Union[str, Path],
-    structure: SearchedStructure,
-    figure: bool = True,
-    **kwargs: Any,
-) -> None:
-    """`peft_model.save_pretrained(save_directory, **kwargs)`, plus s3_structure.json and the model-card section.
-
-    With `figure` (and matplotlib installed: `pip install peft-s3[plot]`) it also draws the structure's heatmap to
-    s3_structure.png, which the model card shows.
-    """
-    peft_model.save_pretrained(str(save_directory), **kwargs)
-    structure.save(save_directory)
-    if figure and importlib.util.find_spec("matplotlib") is not None:
-        import matplotlib.pyplot as plt
-
-        from .plotting import plot_structure  # plotting builds on this module
-
-        plt.close(plot_structure(structure, value="selected", path=Path(save_directory) / STRUCTURE_FIGURE))
-    write_model_card(save_directory, structure)
-
-
-def push_to_hub_with_structure(
-    peft_model: PeftModel,
-    repo_id: str,
-    structure: SearchedStructure,
-    *,
-    api: Any = None,
-    private: Optional[bool] = None,
-    token: Optional[str] = None,
-    commit_message: str = "Upload S3 searched structure and adapter",
-    revision: Optional[str] = None,
-    **kwargs: Any,
-) -> Any:
-    """Save like `save_pretrained_with_structure` into a temporary folder and upload it to the Hub repo `repo_id`.
-
-    The repository is created if needed. `api` defaults to `huggingface_hub.HfApi(token=token)`; anything with the
-    same `create_repo` and `upload_folder` methods works, e.g. a client of a private Hub mirror. `kwargs` go to
-    `save_pretrained`. Returns what `upload_folder` returns (a `CommitInfo` for HfApi).
-    """
-    if api is None:
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-    api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
-    with tempfile.TemporaryDirectory() as folder:
-        save_pretrained_with_structure(peft_model, folder, structure, **kwargs)
-        return api.upload_folder(
-            repo_id=repo_id, folder_path=folder, commit_message=commit_message, revision=revision, repo_type="model"
-        )

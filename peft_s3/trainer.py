@@ -37,8 +37,10 @@ from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
 from .annealing import DEFAULT_ANNEALING, SearchAnnealing
+from .gate_report import save_gate_report
+from .resolution import resolve
 from .selection import SELECTION_METHODS, decided_mass, select
-from .structure import SearchedStructure, resolve, save_gate_report
+from .structure import SearchedStructure
 from .tuner.gates import GateBank, gate_entropy
 from .tuner.model import S3Model
 

@@ -14,8 +14,9 @@ import torch
 from conftest import TASK_TYPES, TINY_MODELS
 
 import peft_s3
+from peft_s3.gate_report import gate_report, save_gate_report
 from peft_s3.plotting import OTHER_COLUMN, plot_structure, structure_matrix
-from peft_s3.structure import gate_report, resolve, save_gate_report
+from peft_s3.resolution import resolve
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

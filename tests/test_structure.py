@@ -18,21 +18,16 @@ from huggingface_hub import HfApi, ModelCard
 from transformers import BertConfig, BertForSequenceClassification
 
 import peft_s3
-from peft_s3.structure import (
-    GATE_REPORT_FILE,
-    LORA_CONVERSION_LIMITS,
+from peft_s3.gate_report import GATE_REPORT_FILE, load_gate_report, save_gate_report
+from peft_s3.resolution import resolve
+from peft_s3.sharing import (
     MODEL_CARD_HEADING,
     STRUCTURE_FIGURE,
-    STRUCTURE_FILE,
-    SearchedStructure,
-    apply_structure,
-    load_gate_report,
     push_to_hub_with_structure,
-    resolve,
-    save_gate_report,
     save_pretrained_with_structure,
     write_model_card,
 )
+from peft_s3.structure import LORA_CONVERSION_LIMITS, STRUCTURE_FILE, SearchedStructure, apply_structure
 
 BERT_LAYER = "bert.encoder.layer.0."
 
