@@ -61,8 +61,8 @@ from transformers.utils import logging as transformers_logging
 
 import peft_s3
 from peft_s3.structure import SearchedStructure
-from peft_s3.tuner.gates import solve_zeta
-from peft_s3.tuner.search_space import build_search_space
+from peft_s3.tuner.gates import global_probabilities, solve_zeta
+from peft_s3.tuner.search_space import build_search_space, signature
 
 CONFIGS = ("lora", "s3_gated", "s3_first_order", "s3_second_order", "s3_second_order_forward", "retrain")
 REFERENCE = "lora"
@@ -470,6 +470,75 @@ def time_zeta_and_resolve(counts: Sequence[int], thread_counts: Sequence[int], r
     return rows
 
 
+# The shapes of Llama-3-8B and Llama-3-70B; their search spaces are built on the meta device (no weights needed).
+LLM_SHAPES = {
+    "llama-3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32),
+    "llama-3-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64),
+}
+LLM_SPACE_BUDGET = 1e-4
+RESOLVE_TARGET_S = 0.5
+
+
+def llm_gate_report(shape: str, max_rank: int, seed: int) -> dict[str, Any]:
+    """The gate report a search on the `shape`-shaped Llama would write, with random alphas.
+
+    The model is built on the meta device, so its S3 adapter cannot run; the report is filled in from the search space
+    instead: exactly the data `peft_s3.resolve` reads from a live model or an s3_gates.json.
+    """
+    config = LlamaConfig(vocab_size=128256, num_key_value_heads=8, **LLM_SHAPES[shape])
+    with torch.device("meta"):
+        base = LlamaForCausalLM(config)
+    search_config = peft_s3.S3SearchConfig(budget=LLM_SPACE_BUDGET, max_rank=max_rank, task_type="CAUSAL_LM")
+    candidates = build_search_space(base, search_config)
+    backbone = sum(parameter.numel() for parameter in base.parameters())
+    sizes = torch.tensor([candidate.num_params for candidate in candidates], dtype=torch.float32)
+    budget = search_config.absolute_budget(backbone)
+    alpha = torch.randn(len(candidates), generator=torch.Generator().manual_seed(seed))
+    p = global_probabilities(alpha, solve_zeta(alpha, sizes, budget, search_config.tau), search_config.tau)
+    modules = dict(base.named_modules())
+    return {
+        "adapter_name": "default",
+        "budget": budget,
+        "backbone_num_params": backbone,
+        "search_space_signature": signature(candidates),
+        "config": search_config.to_dict(),
+        "modules": {
+            c.module: {"type": "linear" if isinstance(modules[c.module], nn.Linear) else "norm", "bias_params": 0}
+            for c in candidates
+        },
+        "candidates": [
+            {
+                **{k: getattr(c, k) for k in ("name", "kind", "module", "stack", "layer", "position", "num_params")},
+                "alpha": float(a),
+                "p": float(q),
+            }
+            for c, a, q in zip(candidates, alpha, p, strict=True)
+        ],  # fmt: skip
+    }
+
+
+def time_llm_space(shape: str, max_rank: int, repeats: int) -> dict[str, Any]:
+    """Candidates, shift solve, `resolve` and structure-file size of one LLM-shaped search space (1 thread)."""
+    report = llm_gate_report(shape, max_rank, seed=0)
+    sizes = torch.tensor([row["num_params"] for row in report["candidates"]], dtype=torch.float32)
+    alpha = torch.tensor([row["alpha"] for row in report["candidates"]])
+    budget, tau = report["budget"], report["config"]["tau"]
+    zeta = solve_zeta(alpha, sizes, budget, tau)
+    with tempfile.TemporaryDirectory() as folder:
+        structure_bytes = peft_s3.resolve(report).save(folder).stat().st_size
+    return {
+        "shape": shape,
+        "max_rank": max_rank,
+        "candidates": len(sizes),
+        "backbone_params": report["backbone_num_params"],
+        "budget_params": budget,
+        "zeta_warm": time_call(lambda: solve_zeta(alpha, sizes, budget, tau, initial=zeta), repeats),
+        "zeta_cold": time_call(lambda: solve_zeta(alpha, sizes, budget, tau), repeats),
+        "resolve": time_call(lambda: peft_s3.resolve(report), max(3, repeats // 10)),
+        "structure_file_bytes": structure_bytes,
+    }
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -513,6 +582,13 @@ def target_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
             value = row["zeta_warm"]["median_ms"]
             target = f"zeta solve < {ZETA_TARGET_MS} ms at {row['candidates']} candidates (warm, 1 thread)"
             checks.append({"target": target, "value": value, "met": value < ZETA_TARGET_MS})
+    for row in results.get("llm_spaces", []):
+        zeta, seconds = row["zeta_warm"]["median_ms"], row["resolve"]["median_ms"] / 1e3
+        where = f"{row['shape']}, max_rank {row['max_rank']} ({row['candidates']} candidates)"
+        checks.append({"target": f"zeta solve < {ZETA_TARGET_MS} ms, {where}", "value": zeta, "met": zeta < 1.0})
+        checks.append(
+            {"target": f"resolve < {RESOLVE_TARGET_S} s, {where}", "value": seconds, "met": seconds < RESOLVE_TARGET_S}
+        )
     return checks
 
 
@@ -574,6 +650,23 @@ def markdown(results: dict[str, Any]) -> str:
             cells = [f"{row[k]['median_ms']:.3f} ({row[k]['q1_ms']:.3f}-{row[k]['q3_ms']:.3f})"
                      for k in ("zeta_warm", "zeta_cold", "resolve")]  # fmt: skip
             lines.append(f"| {row['candidates']} | {row['threads']} | " + " | ".join(cells) + " |")
+    if results.get("llm_spaces"):
+        lines += [
+            "",
+            f"LLM-shaped search spaces (Mix space, built on the meta device; budget {LLM_SPACE_BUDGET} of the "
+            "backbone, random alphas; 1 thread), median ms (IQR):",
+            "",
+            "| shape | max_rank | candidates | budget params | zeta warm | zeta cold | resolve | structure file |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in results["llm_spaces"]:
+            cells = [f"{row[k]['median_ms']:.3f} ({row[k]['q1_ms']:.3f}-{row[k]['q3_ms']:.3f})"
+                     for k in ("zeta_warm", "zeta_cold", "resolve")]  # fmt: skip
+            lines.append(
+                f"| {row['shape']} | {row['max_rank']} | {row['candidates']} | {row['budget_params']:,} | "
+                + " | ".join(cells)
+                + f" | {row['structure_file_bytes'] / 1024:.0f} KiB |"
+            )
     lines += ["", "| target | measured | met |", "|---|---:|---|"]
     lines += [f"| {c['target']} | {c['value']:.3g} | {'yes' if c['met'] else 'no'} |" for c in results["targets"]]
     return "\n".join(lines) + "\n"
@@ -611,7 +704,9 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument(
         "--configs", nargs="+", choices=CONFIGS, default=list(CONFIGS), help=f"what to run ({REFERENCE} always runs)"
     )
-    parser.add_argument("--skip", nargs="*", choices=["steps", "memory", "zeta"], default=[])
+    parser.add_argument("--llm-shapes", nargs="+", choices=sorted(LLM_SHAPES), default=sorted(LLM_SHAPES))
+    parser.add_argument("--llm-ranks", type=int, nargs="+", default=[1, 8], help="max_rank of the LLM-shaped spaces")
+    parser.add_argument("--skip", nargs="*", choices=["steps", "memory", "zeta", "llm_spaces"], default=[])
     parser.add_argument("--output-dir", type=Path, default=RESULTS_DIR)
     parser.add_argument("--name", default=None, help="result file stem (default: speed_<device>[_<size>])")
     parser.add_argument("--memory-probe", choices=CONFIGS, help=argparse.SUPPRESS)
@@ -676,6 +771,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         results["memory"] = measure_memory(names, settings, structure, args.memory_steps)
     if "zeta" not in args.skip:
         results["zeta"] = time_zeta_and_resolve(args.candidates, args.zeta_threads, args.zeta_repeats)
+        torch.set_num_threads(settings.threads)
+    if "llm_spaces" not in args.skip:
+        torch.set_num_threads(1)
+        spaces = [(shape, max_rank) for shape in args.llm_shapes for max_rank in args.llm_ranks]
+        results["llm_spaces"] = [time_llm_space(shape, max_rank, args.zeta_repeats) for shape, max_rank in spaces]
         torch.set_num_threads(settings.threads)
     results["load_average"] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     results["targets"] = target_checks(results)
