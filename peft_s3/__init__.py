@@ -12,7 +12,7 @@ from .plotting import plot_structure, structure_matrix
 from .resolution import resolve
 from .sharing import push_to_hub_with_structure, save_pretrained_with_structure, write_model_card
 from .structure import SearchedStructure, apply_structure
-from .trainer import S3SearchCallback, S3SearchTrainer
+from .trainer import S3SearchCallback, S3SearchTrainer, SearchDivergedError
 from .tuner import CANDIDATE_KINDS, LORA_SPACE, MIX_SPACE, Candidate, S3Model, S3SearchConfig
 
 register()
@@ -30,6 +30,7 @@ __all__ = [
     "S3SearchConfig",
     "S3SearchTrainer",
     "SearchAnnealing",
+    "SearchDivergedError",
     "SearchedStructure",
     "__version__",
     "apply_structure",

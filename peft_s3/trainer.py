@@ -169,14 +169,34 @@ def _alpha_optimizer(
     return optimizer, get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=num_steps)
 
 
-def _apply_alpha_gradient(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> bool:
+class SearchDivergedError(FloatingPointError):
+    """The structure search produced a non-finite loss, alpha gradient or alpha; its gates would rank nothing."""
+
+
+def _apply_alpha_gradient(
+    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, loss: torch.Tensor, step: int
+) -> bool:
     """One alpha update, unless the gradient is exactly zero; returns whether alpha moved.
 
     While every delta is still zero (the identity initialisation) no gate affects the loss, and the gradient is
     exactly 0: such a step would spend a step of the alpha schedule (and AdamW's bias correction) on nothing.
+    Raises `SearchDivergedError` when the step's alpha loss, alpha gradient or alpha is not finite: NaN would
+    otherwise flow into every gate, and the Trainer would log the filtered loss as 0 and carry on.
     """
     alpha = optimizer.param_groups[0]["params"][0]
-    update = alpha.grad is not None and bool(alpha.grad.any())
+    checked = {"the alpha (D_alpha) loss": loss.detach(), "alpha": alpha.detach()}
+    if alpha.grad is not None:
+        checked["the alpha gradient"] = alpha.grad
+    finite = [torch.isfinite(tensor).all() for tensor in checked.values()]
+    nonzero = alpha.grad.any() if alpha.grad is not None else torch.zeros((), dtype=torch.bool, device=alpha.device)
+    *finite, update = torch.stack([*finite, nonzero]).tolist()  # one host sync for all the checks
+    if not all(finite):
+        broken = [name for name, ok in zip(checked, finite, strict=True) if not ok]
+        raise SearchDivergedError(
+            f"The structure search diverged at step {step}: {' and '.join(broken)} not finite. Lower "
+            "alpha_learning_rate or the TrainingArguments learning_rate, check the data for empty or broken "
+            "examples, and prefer bf16 over fp16."
+        )
     if update:
         optimizer.step()
         scheduler.step()
@@ -205,15 +225,25 @@ def _annealing(annealing: Optional[SearchAnnealing | dict[str, Any]]) -> Optiona
     return annealing
 
 
-def _check_checkpointing(args: TrainingArguments) -> None:
+def _check_checkpointing(args: TrainingArguments, model: Optional[nn.Module]) -> None:
+    # Every layer reads its gates from one vector computed from alpha before the forward pass; reentrant
+    # checkpointing backpropagates each layer separately and would traverse that shared graph repeatedly.
     checkpointing_kwargs = args.activation_checkpointing_kwargs or {}
     if args.activation_checkpointing and checkpointing_kwargs.get("use_reentrant", False):
-        # Every layer reads its gates from one vector computed from alpha before the forward pass; reentrant
-        # checkpointing backpropagates each layer separately and would traverse that shared graph repeatedly.
         raise ValueError(
             f"activation_checkpointing_kwargs={checkpointing_kwargs!r} is not allowed: the alpha gradient needs "
             'non-reentrant checkpointing, {"use_reentrant": False} (the transformers default).'
         )
+    # Turned on through the model itself (model.gradient_checkpointing_enable(...)), it shows only on the layers.
+    for name, module in model.named_modules() if model is not None else ():
+        checkpoint_function = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(checkpoint_function, "keywords", {}).get("use_reentrant", False):
+            raise ValueError(
+                f"{name or type(module).__name__} has reentrant activation checkpointing, turned on through the "
+                "model; the alpha gradient needs the non-reentrant kind. Call "
+                'model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False}), or '
+                "leave it to TrainingArguments(gradient_checkpointing=True), whose default is non-reentrant."
+            )
 
 
 def _search_steps(max_steps: int, alpha_warmup_steps: int) -> int:
@@ -438,7 +468,7 @@ class S3SearchTrainer(Trainer):
             raise ValueError("fp16=True is not supported by S3SearchTrainer (no loss scaling for alpha); use bf16.")
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError("S3SearchTrainer supports single-device and DDP training, not DeepSpeed or FSDP.")
-        _check_checkpointing(self.args)
+        _check_checkpointing(self.args, self.model)
         if self.model is not None:
             _search_adapter(self.model)
         if select_on_validation and (self.eval_dataset is None or self.args.eval_strategy == "no"):
@@ -649,7 +679,7 @@ class S3SearchTrainer(Trainer):
             # Algorithm 1, step 4: delta descends grad_delta L_delta(delta, alpha), taken before alpha moves.
             for parameter, gradient in zip(self._delta_parameters, delta_gradient, strict=True):
                 parameter.grad = gradient
-        _apply_alpha_gradient(self.alpha_optimizer, self.alpha_lr_scheduler)
+        _apply_alpha_gradient(self.alpha_optimizer, self.alpha_lr_scheduler, loss, self.state.global_step)
         self._alpha_loss_sum = loss if self._alpha_loss_sum is None else self._alpha_loss_sum + loss
         self._alpha_loss_steps += 1
 
@@ -859,7 +889,7 @@ class S3SearchCallback(TrainerCallback):
         alpha.requires_grad_(False)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        _check_checkpointing(args)
+        _check_checkpointing(args, kwargs.get("model"))
         self._tuner, self._bank, self._alpha = _search_adapter(kwargs.get("model"))
         optimizer = kwargs.get("optimizer")
         if self._alpha.requires_grad or (
@@ -894,11 +924,11 @@ class S3SearchCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         try:
             if state.global_step > self.alpha_warmup_steps:
-                self._alpha_step(kwargs["model"], args.gradient_accumulation_steps)
+                self._alpha_step(kwargs["model"], args.gradient_accumulation_steps, state.global_step)
         finally:
             self._step_noise.close()
 
-    def _alpha_step(self, model: nn.Module, num_batches: int) -> None:
+    def _alpha_step(self, model: nn.Module, num_batches: int, step: int) -> None:
         batches = [next(self._search_batches) for _ in range(num_batches)]
 
         def loss_fn(batch: Any) -> torch.Tensor:
@@ -909,5 +939,5 @@ class S3SearchCallback(TrainerCallback):
 
         deltas = [p for p in model.parameters() if p.requires_grad]
         with _requires_grad([self._alpha], True):
-            _first_order_alpha_gradient(loss_fn, self._alpha, deltas, batches)
-        _apply_alpha_gradient(self.alpha_optimizer, self.alpha_lr_scheduler)
+            loss = _first_order_alpha_gradient(loss_fn, self._alpha, deltas, batches)
+        _apply_alpha_gradient(self.alpha_optimizer, self.alpha_lr_scheduler, loss, step)

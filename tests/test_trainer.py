@@ -571,3 +571,36 @@ def test_two_process_ddp(tmp_path):
 if __name__ == "__main__":
     torch.set_num_threads(1)
     _ddp_worker(sys.argv[1])
+
+
+def _poison_one_delta(model: peft.PeftModel) -> None:
+    # A non-finite delta makes every forward pass non-finite, as a diverged search does.
+    with torch.no_grad():
+        next(p for name, p in model.named_parameters() if p.requires_grad and "s3_" in name).fill_(float("nan"))
+
+
+@pytest.mark.parametrize("bilevel", ["first_order", "second_order"])
+def test_a_diverged_search_stops_with_a_clear_error(tmp_path, bilevel):
+    model = search_model()
+    trainer = S3SearchTrainer(model=model, args=arguments(tmp_path), train_dataset=MarkerTask(64), bilevel=bilevel)
+    _poison_one_delta(model)
+    with pytest.raises(peft_s3.SearchDivergedError, match=r"diverged at step 0: the alpha \(D_alpha\) loss"):
+        trainer.train()
+
+
+def test_a_diverged_callback_search_stops_with_a_clear_error(tmp_path):
+    model = search_model()
+    callback = S3SearchCallback(torch.utils.data.DataLoader(MarkerTask(32, seed=1), batch_size=8))
+    trainer = Trainer(model=model, args=arguments(tmp_path), train_dataset=MarkerTask(64), callbacks=[callback])
+    _poison_one_delta(model)
+    with pytest.raises(peft_s3.SearchDivergedError, match="diverged at step 1"):
+        trainer.train()
+
+
+def test_reentrant_checkpointing_turned_on_through_the_model_is_refused(tmp_path):
+    model = search_model()
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    with pytest.raises(ValueError, match=r"reentrant activation checkpointing, turned on through the model"):
+        S3SearchTrainer(model=model, args=arguments(tmp_path), train_dataset=MarkerTask(64))
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    S3SearchTrainer(model=model, args=arguments(tmp_path), train_dataset=MarkerTask(64))
