@@ -592,6 +592,13 @@ def target_checks(results: dict[str, Any]) -> list[dict[str, Any]]:
     return checks
 
 
+def _timing_cells(row: dict[str, Any]) -> list[str]:
+    return [
+        f"{row[key]['median_ms']:.3f} ({row[key]['q1_ms']:.3f}-{row[key]['q3_ms']:.3f})"
+        for key in ("zeta_warm", "zeta_cold", "resolve")
+    ]
+
+
 def markdown(results: dict[str, Any]) -> str:
     settings, machine = results["settings"], results["machine"]
     lines = [
@@ -647,8 +654,7 @@ def markdown(results: dict[str, Any]) -> str:
             "|---:|---:|---:|---:|---:|",
         ]
         for row in results["zeta"]:
-            cells = [f"{row[k]['median_ms']:.3f} ({row[k]['q1_ms']:.3f}-{row[k]['q3_ms']:.3f})"
-                     for k in ("zeta_warm", "zeta_cold", "resolve")]  # fmt: skip
+            cells = _timing_cells(row)
             lines.append(f"| {row['candidates']} | {row['threads']} | " + " | ".join(cells) + " |")
     if results.get("llm_spaces"):
         lines += [
@@ -660,8 +666,7 @@ def markdown(results: dict[str, Any]) -> str:
             "|---|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for row in results["llm_spaces"]:
-            cells = [f"{row[k]['median_ms']:.3f} ({row[k]['q1_ms']:.3f}-{row[k]['q3_ms']:.3f})"
-                     for k in ("zeta_warm", "zeta_cold", "resolve")]  # fmt: skip
+            cells = _timing_cells(row)
             lines.append(
                 f"| {row['shape']} | {row['max_rank']} | {row['candidates']} | {row['budget_params']:,} | "
                 + " | ".join(cells)
