@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from typing import Any, Optional
 
 import torch
@@ -37,6 +37,12 @@ from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
 from .annealing import DEFAULT_ANNEALING, SearchAnnealing
+from .estimators import (
+    FINITE_DIFFERENCES,
+    first_order_alpha_gradient,
+    requires_grad,
+    second_order_alpha_gradient,
+)
 from .gate_report import save_gate_report
 from .resolution import resolve
 from .selection import SELECTION_METHODS, decided_mass, select
@@ -47,11 +53,8 @@ from .tuner.model import S3Model
 logger = logging.get_logger(__name__)
 
 BILEVEL_MODES = ("first_order", "second_order")
-FINITE_DIFFERENCES = ("central", "forward")
 SEARCH_STATE_NAME = "s3_search_state.pt"
 _DEFAULT_SEARCH_SPLIT = 0.5
-# Guards the finite-difference step eps / ||v|| when v vanishes; the Hessian term is then exactly zero anyway.
-_MIN_NORM = 1e-12
 
 
 def _search_adapter(model: Optional[nn.Module]) -> tuple[S3Model, GateBank, nn.Parameter]:
@@ -71,88 +74,6 @@ def _search_adapter(model: Optional[nn.Module]) -> tuple[S3Model, GateBank, nn.P
             "parameters: retrain it with the plain transformers Trainer."
         )
     return tuner, tuner.gate_bank(names[0]), tuner.s3_alpha[names[0]]
-
-
-@contextlib.contextmanager
-def _requires_grad(parameters: Sequence[nn.Parameter], enabled: bool) -> Iterator[None]:
-    """Temporarily set requires_grad of `parameters` (frozen ones cost no weight-gradient matmuls); restores flags."""
-    flags = [parameter.requires_grad for parameter in parameters]
-    for parameter in parameters:
-        parameter.requires_grad_(enabled)
-    try:
-        yield
-    finally:
-        for parameter, flag in zip(parameters, flags, strict=True):
-            parameter.requires_grad_(flag)
-
-
-@contextlib.contextmanager
-def _seeded(seed: Optional[int]) -> Iterator[None]:
-    """Within the block the RNG (dropout masks) restarts from `seed`; outside it is untouched. None: no change."""
-    if seed is None:
-        yield
-        return
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
-    with torch.random.fork_rng(devices=devices):
-        torch.default_generator.manual_seed(seed)
-        if devices:
-            torch.cuda.manual_seed(seed)
-        yield
-
-
-def _accumulate_gradients(
-    loss_fn: Callable[[Any], torch.Tensor], batches: Sequence[Any], seeds: Optional[Sequence[int]] = None
-) -> list[torch.Tensor]:
-    """Backpropagate the mean loss over `batches`, one micro-batch at a time.
-
-    With `seeds`, micro-batch i runs with the RNG seeded by seeds[i], so passes over the same batches with the same
-    seeds draw the same dropout masks. Returns each micro-batch's share of that mean (its loss / len(batches)),
-    detached: what `Trainer.training_step` returns for a micro-batch, and they sum to the mean loss.
-    """
-    losses = []
-    for batch, seed in zip(batches, seeds or [None] * len(batches), strict=True):
-        with _seeded(seed):
-            loss = loss_fn(batch) / len(batches)
-            loss.backward()
-        losses.append(loss.detach().float())
-    return losses
-
-
-def _first_order_alpha_gradient(
-    loss_fn: Callable[[Any], torch.Tensor], alpha: nn.Parameter, deltas: Sequence[nn.Parameter], batches: Sequence[Any]
-) -> torch.Tensor:
-    """Set alpha.grad to the gradient of the mean loss over `batches` at the current delta; returns that loss."""
-    with _requires_grad(deltas, False):
-        loss = torch.stack(_accumulate_gradients(loss_fn, batches)).sum()
-    alpha.grad = _pop_gradients([alpha])[0]
-    return loss
-
-
-def _mean_across_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Average tensors over data-parallel processes in one collective (a no-op copy in a single process)."""
-    flat = reduce(torch.cat([tensor.reshape(-1) for tensor in tensors]), reduction="mean")
-    chunks = flat.split([tensor.numel() for tensor in tensors])
-    return [chunk.view_as(tensor) for chunk, tensor in zip(chunks, tensors, strict=True)]
-
-
-def _pop_gradients(parameters: Sequence[nn.Parameter]) -> list[torch.Tensor]:
-    """The (process-averaged) gradients of `parameters`, zeros where none arrived; the .grad fields are cleared."""
-    gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    for parameter in parameters:
-        parameter.grad = None
-    return _mean_across_processes(gradients)
-
-
-@torch.no_grad()
-def _move(
-    parameters: Sequence[nn.Parameter],
-    start: list[torch.Tensor],
-    scale: float | torch.Tensor,
-    direction: list[torch.Tensor],
-) -> None:
-    """parameters <- start + scale * direction, in place."""
-    for parameter, origin, step in zip(parameters, start, direction, strict=True):
-        parameter.copy_(origin + scale * step)
 
 
 def _alpha_optimizer(
@@ -555,7 +476,7 @@ class S3SearchTrainer(Trainer):
         alpha_names = [name for name, p in self.model.named_parameters() if p is self._alpha]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, alpha_names)
         user_optimizer = self.optimizer is not None
-        with _requires_grad([self._alpha], False):
+        with requires_grad([self._alpha], False):
             optimizer = super().create_optimizer(model)
         if user_optimizer and any(p is self._alpha for group in optimizer.param_groups for p in group["params"]):
             raise ValueError(
@@ -605,7 +526,7 @@ class S3SearchTrainer(Trainer):
             if self._computed_delta_losses:
                 loss = self._computed_delta_losses.pop(0)
             else:
-                with _requires_grad([self._alpha], False):
+                with requires_grad([self._alpha], False):
                     loss = super().training_step(model, inputs, num_items_in_batch)
         except BaseException:
             self._computed_delta_losses = []
@@ -668,13 +589,27 @@ class S3SearchTrainer(Trainer):
             return self._search_loss(module, batch)
 
         if self.bilevel == "first_order":
-            loss = _first_order_alpha_gradient(loss_fn, self._alpha, self._delta_parameters, search_batches)
+            loss = first_order_alpha_gradient(loss_fn, self._alpha, self._delta_parameters, search_batches)
         else:
             # One seed per micro-batch for all passes of this step: the finite differences then compare the same
             # dropout masks, not mask noise (drawn from the global RNG, so checkpoints resume it).
             step_seed = int(torch.randint(2**62, (1,)))
-            loss, delta_gradient, self._computed_delta_losses = self._second_order_alpha_gradient(
-                loss_fn, delta_batches, search_batches, step_seed
+            # xi is the delta learning rate of this step: the Trainer's scheduler has already set it on the optimizer.
+            xi = (
+                self.optimizer.param_groups[0]["lr"]
+                if self.unrolled_learning_rate is None
+                else self.unrolled_learning_rate
+            )
+            loss, delta_gradient, self._computed_delta_losses = second_order_alpha_gradient(
+                loss_fn,
+                self._alpha,
+                self._delta_parameters,
+                delta_batches,
+                search_batches,
+                step_seed,
+                xi,
+                self.finite_difference,
+                self.finite_difference_epsilon,
             )
             # Algorithm 1, step 4: delta descends grad_delta L_delta(delta, alpha), taken before alpha moves.
             for parameter, gradient in zip(self._delta_parameters, delta_gradient, strict=True):
@@ -682,62 +617,6 @@ class S3SearchTrainer(Trainer):
         _apply_alpha_gradient(self.alpha_optimizer, self.alpha_lr_scheduler, loss, self.state.global_step)
         self._alpha_loss_sum = loss if self._alpha_loss_sum is None else self._alpha_loss_sum + loss
         self._alpha_loss_steps += 1
-
-    def _second_order_alpha_gradient(
-        self,
-        loss_fn: Callable[[Any], torch.Tensor],
-        delta_batches: list[Any],
-        search_batches: list[Any],
-        step_seed: int,
-    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-        """Set alpha.grad to DARTS' unrolled gradient (eq. 13).
-
-        Returns L_alpha at the unrolled delta', grad_delta L_delta(delta, alpha) (process-averaged), and the D_delta
-        micro-batch losses it came from. Only the delta tensors are perturbed, in place, and copied back from a
-        snapshot, so the model ends bit for bit where it started, with no gradients set. Every pass over D_delta
-        micro-batch i runs with the RNG seeded by step_seed + 2 i (and D_alpha's by step_seed + 2 i + 1), so the
-        passes of the finite difference see the same dropout masks.
-        """
-        alpha, deltas = self._alpha, self._delta_parameters
-        delta_seeds = [step_seed + 2 * index for index in range(len(delta_batches))]
-        search_seeds = [step_seed + 2 * index + 1 for index in range(len(search_batches))]
-        # xi is the delta learning rate of this step: the Trainer's scheduler has already set it on the optimizer.
-        xi = (
-            self.optimizer.param_groups[0]["lr"]
-            if self.unrolled_learning_rate is None
-            else self.unrolled_learning_rate
-        )
-        forward = self.finite_difference == "forward"
-        snapshot = [p.detach().clone() for p in deltas]
-        try:
-            with _requires_grad([alpha], forward):
-                delta_losses = _accumulate_gradients(loss_fn, delta_batches, delta_seeds)
-            delta_gradient = _pop_gradients(deltas)
-            # grad_alpha L_delta(delta, alpha), the forward difference's base point, from the same pass.
-            base = _pop_gradients([alpha])[0] if forward else None
-            _move(deltas, snapshot, -xi, delta_gradient)  # delta' = delta - xi grad_delta L_delta
-            loss = torch.stack(_accumulate_gradients(loss_fn, search_batches, search_seeds)).sum()
-            direct = _pop_gradients([alpha])[0]  # grad_alpha L_alpha(delta', alpha)
-            direction = _pop_gradients(deltas)  # v = grad_delta' L_alpha(delta', alpha)
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in direction]))
-            epsilon = self.finite_difference_epsilon / norm.clamp_min(_MIN_NORM)
-            curvature = []
-            for sign in (1.0,) if forward else (1.0, -1.0):
-                _move(deltas, snapshot, sign * epsilon, direction)  # delta+- = delta +- epsilon v
-                with _requires_grad(deltas, False):
-                    _accumulate_gradients(loss_fn, delta_batches, delta_seeds)
-                curvature.append(_pop_gradients([alpha])[0])  # grad_alpha L_delta(delta+-, alpha)
-            if forward:
-                hessian_vector = (curvature[0] - base) / epsilon
-            else:
-                hessian_vector = (curvature[0] - curvature[1]) / (2 * epsilon)
-            alpha.grad = direct - xi * hessian_vector
-        finally:
-            with torch.no_grad():
-                for parameter, start in zip(deltas, snapshot, strict=True):
-                    parameter.copy_(start)
-                    parameter.grad = None
-        return loss, delta_gradient, delta_losses
 
     # ------------------------------------------------------------------ the search's structure
 
@@ -938,6 +817,6 @@ class S3SearchCallback(TrainerCallback):
             return loss
 
         deltas = [p for p in model.parameters() if p.requires_grad]
-        with _requires_grad([self._alpha], True):
-            loss = _first_order_alpha_gradient(loss_fn, self._alpha, deltas, batches)
+        with requires_grad([self._alpha], True):
+            loss = first_order_alpha_gradient(loss_fn, self._alpha, deltas, batches)
         _apply_alpha_gradient(self.alpha_optimizer, self.alpha_lr_scheduler, loss, step)

@@ -77,13 +77,13 @@ def test_unrolled_step_uses_the_scheduled_learning_rate(tmp_path, monkeypatch) -
         bilevel="second_order",
     )
     used = []
-    original = peft_s3.trainer._move
+    original = peft_s3.estimators._move
 
     def spy(parameters, start, scale, direction):
         used.append(float(scale))
         original(parameters, start, scale, direction)
 
-    monkeypatch.setattr(peft_s3.trainer, "_move", spy)
+    monkeypatch.setattr(peft_s3.estimators, "_move", spy)
     trainer.train()
     # The first _move of each step is the virtual step delta' = delta - xi grad: xi follows the linear decay.
     virtual = used[::3]

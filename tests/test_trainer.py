@@ -15,7 +15,8 @@ from torch.func import functional_call
 from transformers import Trainer, TrainingArguments
 
 import peft_s3
-from peft_s3.trainer import SEARCH_STATE_NAME, S3SearchCallback, S3SearchTrainer, _seeded
+from peft_s3.estimators import second_order_alpha_gradient, seeded
+from peft_s3.trainer import SEARCH_STATE_NAME, S3SearchCallback, S3SearchTrainer
 
 MARKER = 5
 S3_LOG_KEYS = {
@@ -224,18 +225,26 @@ def test_second_order_gradient_matches_exact_unrolled_gradient(tmp_path, finite_
     with model.base_model.frozen_gate_noise():
         with torch.no_grad():
             model(**delta_batch)  # draws the one gate sample that every pass below shares
-        with _seeded(7):
+        with seeded(7):
             delta_loss = model(**delta_batch).loss
         delta_grads = torch.autograd.grad(delta_loss, deltas, create_graph=True)
         unrolled = {names[id(p)]: p - xi * g for p, g in zip(deltas, delta_grads, strict=True)}
-        with _seeded(8):
+        with seeded(8):
             (exact,) = torch.autograd.grad(functional_call(model, unrolled, kwargs=search_batch).loss, alpha)
         detached = {name: value.detach() for name, value in unrolled.items()}
-        with _seeded(8):
+        with seeded(8):
             (direct,) = torch.autograd.grad(functional_call(model, detached, kwargs=search_batch).loss, alpha)
         before = [p.detach().clone() for p in deltas]
-        _, delta_gradient, delta_losses = trainer._second_order_alpha_gradient(
-            lambda batch: trainer._search_loss(model, batch), [delta_batch], [search_batch], step_seed=7
+        _, delta_gradient, delta_losses = second_order_alpha_gradient(
+            lambda batch: trainer._search_loss(model, batch),
+            alpha,
+            deltas,
+            [delta_batch],
+            [search_batch],
+            step_seed=7,
+            xi=xi,
+            finite_difference=finite_difference,
+            finite_difference_epsilon=1e-3,
         )
 
     # The second-order term matters here, and the finite difference gets it right.
