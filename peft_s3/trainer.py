@@ -157,8 +157,12 @@ def _check_checkpointing(args: TrainingArguments, model: Optional[nn.Module]) ->
         )
     # Turned on through the model itself (model.gradient_checkpointing_enable(...)), it shows only on the layers.
     for name, module in model.named_modules() if model is not None else ():
+        if not getattr(module, "gradient_checkpointing", False):
+            continue
         checkpoint_function = getattr(module, "_gradient_checkpointing_func", None)
-        if getattr(checkpoint_function, "keywords", {}).get("use_reentrant", False):
+        # Without a use_reentrant keyword (peft's prepare_model_for_kbit_training passes {}), torch's checkpoint
+        # runs reentrant.
+        if getattr(checkpoint_function, "keywords", {}).get("use_reentrant", True):
             raise ValueError(
                 f"{name or type(module).__name__} has reentrant activation checkpointing, turned on through the "
                 "model; the alpha gradient needs the non-reentrant kind. Call "

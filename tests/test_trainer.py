@@ -606,9 +606,10 @@ def test_a_diverged_callback_search_stops_with_a_clear_error(tmp_path):
         trainer.train()
 
 
-def test_reentrant_checkpointing_turned_on_through_the_model_is_refused(tmp_path):
+@pytest.mark.parametrize("checkpointing_kwargs", [{"use_reentrant": True}, {}])
+def test_reentrant_checkpointing_turned_on_through_the_model_is_refused(tmp_path, checkpointing_kwargs):
     model = search_model()
-    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
     with pytest.raises(ValueError, match=r"reentrant activation checkpointing, turned on through the model"):
         S3SearchTrainer(model=model, args=arguments(tmp_path), train_dataset=MarkerTask(64))
     model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
