@@ -146,17 +146,21 @@ def _annealing(annealing: Optional[SearchAnnealing | dict[str, Any]]) -> Optiona
     return annealing
 
 
-def _check_checkpointing(args: TrainingArguments, model: Optional[nn.Module]) -> None:
-    # Every layer reads its gates from one vector computed from alpha before the forward pass; reentrant
-    # checkpointing backpropagates each layer separately and would traverse that shared graph repeatedly.
+# Every layer reads its gates from one vector computed from alpha before the forward pass; reentrant checkpointing
+# backpropagates each layer separately and would traverse that shared graph repeatedly.
+def _check_checkpointing_arguments(args: TrainingArguments) -> None:
     checkpointing_kwargs = args.activation_checkpointing_kwargs or {}
     if args.activation_checkpointing and checkpointing_kwargs.get("use_reentrant", False):
         raise ValueError(
             f"activation_checkpointing_kwargs={checkpointing_kwargs!r} is not allowed: the alpha gradient needs "
             'non-reentrant checkpointing, {"use_reentrant": False} (the transformers default).'
         )
-    # Turned on through the model itself (model.gradient_checkpointing_enable(...)), it shows only on the layers.
-    for name, module in model.named_modules() if model is not None else ():
+
+
+def _check_model_checkpointing(model: nn.Module) -> None:
+    """Checkpointing turned on through the model itself shows only on its layers; checked once the Trainer has set
+    up the final model (model_init, TrainingArguments(gradient_checkpointing=True) re-enabling it)."""
+    for name, module in model.named_modules():
         if not getattr(module, "gradient_checkpointing", False):
             continue
         checkpoint_function = getattr(module, "_gradient_checkpointing_func", None)
@@ -393,7 +397,7 @@ class S3SearchTrainer(Trainer):
             raise ValueError("fp16=True is not supported by S3SearchTrainer (no loss scaling for alpha); use bf16.")
         if self.is_deepspeed_enabled or self.is_fsdp_enabled:
             raise ValueError("S3SearchTrainer supports single-device and DDP training, not DeepSpeed or FSDP.")
-        _check_checkpointing(self.args, self.model)
+        _check_checkpointing_arguments(self.args)
         if self.model is not None:
             _search_adapter(self.model)
         if select_on_validation and (self.eval_dataset is None or self.args.eval_strategy == "no"):
@@ -472,6 +476,7 @@ class S3SearchTrainer(Trainer):
 
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, over every trainable parameter except alpha, which has its own optimizer."""
+        _check_model_checkpointing(self.model)
         self._tuner, self._bank, self._alpha = _search_adapter(self.model)
         self._final_temperatures = (self._bank.tau, self._bank.beta)
         self._delta_parameters = [p for p in self.model.parameters() if p.requires_grad and p is not self._alpha]
@@ -772,8 +777,9 @@ class S3SearchCallback(TrainerCallback):
         alpha.requires_grad_(False)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
-        _check_checkpointing(args, kwargs.get("model"))
+        _check_checkpointing_arguments(args)
         self._tuner, self._bank, self._alpha = _search_adapter(kwargs.get("model"))
+        _check_model_checkpointing(kwargs["model"])
         optimizer = kwargs.get("optimizer")
         if self._alpha.requires_grad or (
             optimizer is not None and any(p is self._alpha for g in optimizer.param_groups for p in g["params"])

@@ -611,6 +611,13 @@ def test_reentrant_checkpointing_turned_on_through_the_model_is_refused(tmp_path
     model = search_model()
     model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
     with pytest.raises(ValueError, match=r"reentrant activation checkpointing, turned on through the model"):
-        S3SearchTrainer(model=model, args=arguments(tmp_path), train_dataset=MarkerTask(64))
+        S3SearchTrainer(model=model, args=arguments(tmp_path, max_steps=1), train_dataset=MarkerTask(64)).train()
     model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    S3SearchTrainer(model=model, args=arguments(tmp_path), train_dataset=MarkerTask(64))
+    S3SearchTrainer(model=model, args=arguments(tmp_path, max_steps=1), train_dataset=MarkerTask(64)).train()
+
+
+def test_training_arguments_checkpointing_replaces_the_models_reentrant_setting(tmp_path):
+    model = search_model()
+    model.base_model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    args = arguments(tmp_path, max_steps=1, gradient_checkpointing=True)
+    S3SearchTrainer(model=model, args=args, train_dataset=MarkerTask(64)).train()
