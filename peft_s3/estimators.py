@@ -1,7 +1,10 @@
 """Estimators of the structural (alpha) gradient of the bi-level search, as functions of a loss and its parameters.
 
-Each estimator takes a loss closure (one micro-batch in, its mean loss out), the structural parameters alpha, the
-candidates' weights delta and the micro-batches; it sets alpha.grad and returns the losses it computed. Gradients are
+Each estimator takes loss closures, the structural parameters alpha, the candidates' weights delta and the
+micro-batches of one optimizer step; it sets alpha.grad and returns the losses it computed. A closure maps a
+micro-batch to its *share* of the step's loss, so that the shares sum to the loss of the step: the micro-batch mean
+divided by the number of micro-batches, or, for token-level losses, the micro-batch's summed token losses divided by
+the tokens of all the step's micro-batches (what `Trainer` does with `num_items_in_batch`). Gradients are
 averaged over data-parallel processes (a copy in a single process). Nothing here knows about the `Trainer`.
 """
 
@@ -50,16 +53,16 @@ def seeded(seed: Optional[int]) -> Iterator[None]:
 def _accumulate_gradients(
     loss_fn: Callable[[Any], torch.Tensor], batches: Sequence[Any], seeds: Optional[Sequence[int]] = None
 ) -> list[torch.Tensor]:
-    """Backpropagate the mean loss over `batches`, one micro-batch at a time.
+    """Backpropagate the loss over `batches`, one micro-batch (its share of the loss) at a time.
 
     With `seeds`, micro-batch i runs with the RNG seeded by seeds[i], so passes over the same batches with the same
-    seeds draw the same dropout masks. Returns each micro-batch's share of that mean (its loss / len(batches)),
-    detached: what `Trainer.training_step` returns for a micro-batch, and they sum to the mean loss.
+    seeds draw the same dropout masks. Returns the shares, detached: what `Trainer.training_step` returns for a
+    micro-batch; they sum to the loss.
     """
     losses = []
     for batch, seed in zip(batches, seeds or [None] * len(batches), strict=True):
         with seeded(seed):
-            loss = loss_fn(batch) / len(batches)
+            loss = loss_fn(batch)
             loss.backward()
         losses.append(loss.detach().float())
     return losses
@@ -95,7 +98,8 @@ def _move(
 def first_order_alpha_gradient(
     loss_fn: Callable[[Any], torch.Tensor], alpha: nn.Parameter, deltas: Sequence[nn.Parameter], batches: Sequence[Any]
 ) -> torch.Tensor:
-    """Set alpha.grad to the gradient of the mean loss over `batches` at the current delta; returns that loss."""
+    """Set alpha.grad to the gradient of the loss over `batches` (shares from `loss_fn`) at the current delta; returns
+    that loss."""
     with requires_grad(deltas, False):
         loss = torch.stack(_accumulate_gradients(loss_fn, batches)).sum()
     alpha.grad = _pop_gradients([alpha])[0]
@@ -103,7 +107,8 @@ def first_order_alpha_gradient(
 
 
 def second_order_alpha_gradient(
-    loss_fn: Callable[[Any], torch.Tensor],
+    delta_loss_fn: Callable[[Any], torch.Tensor],
+    search_loss_fn: Callable[[Any], torch.Tensor],
     alpha: nn.Parameter,
     deltas: Sequence[nn.Parameter],
     delta_batches: Sequence[Any],
@@ -113,7 +118,8 @@ def second_order_alpha_gradient(
     finite_difference: str = "central",
     finite_difference_epsilon: float = 0.01,
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """Set alpha.grad to DARTS' unrolled gradient (eq. 13).
+    """Set alpha.grad to DARTS' unrolled gradient (eq. 13), with L_delta from `delta_loss_fn` over `delta_batches`
+    and L_alpha from `search_loss_fn` over `search_batches`.
 
     Returns L_alpha at the unrolled delta', grad_delta L_delta(delta, alpha) (process-averaged), and the D_delta
     micro-batch losses it came from. Only the delta tensors are perturbed, in place, and copied back from a
@@ -127,12 +133,12 @@ def second_order_alpha_gradient(
     snapshot = [p.detach().clone() for p in deltas]
     try:
         with requires_grad([alpha], forward):
-            delta_losses = _accumulate_gradients(loss_fn, delta_batches, delta_seeds)
+            delta_losses = _accumulate_gradients(delta_loss_fn, delta_batches, delta_seeds)
         delta_gradient = _pop_gradients(deltas)
         # grad_alpha L_delta(delta, alpha), the forward difference's base point, from the same pass.
         base = _pop_gradients([alpha])[0] if forward else None
         _move(deltas, snapshot, -xi, delta_gradient)  # delta' = delta - xi grad_delta L_delta
-        loss = torch.stack(_accumulate_gradients(loss_fn, search_batches, search_seeds)).sum()
+        loss = torch.stack(_accumulate_gradients(search_loss_fn, search_batches, search_seeds)).sum()
         direct = _pop_gradients([alpha])[0]  # grad_alpha L_alpha(delta', alpha)
         direction = _pop_gradients(deltas)  # v = grad_delta' L_alpha(delta', alpha)
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in direction]))
@@ -141,7 +147,7 @@ def second_order_alpha_gradient(
         for sign in (1.0,) if forward else (1.0, -1.0):
             _move(deltas, snapshot, sign * epsilon, direction)  # delta+- = delta +- epsilon v
             with requires_grad(deltas, False):
-                _accumulate_gradients(loss_fn, delta_batches, delta_seeds)
+                _accumulate_gradients(delta_loss_fn, delta_batches, delta_seeds)
             curvature.append(_pop_gradients([alpha])[0])  # grad_alpha L_delta(delta+-, alpha)
         if forward:
             hessian_vector = (curvature[0] - base) / epsilon

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional
 
 import torch
@@ -436,6 +436,7 @@ class S3SearchTrainer(Trainer):
         self._search_stream_state: dict[str, int] = {}
         # The D_delta micro-batches of the coming optimizer step, handed over by get_batch_samples.
         self._step_delta_batches: Optional[list[Any]] = None
+        self._step_delta_items: Optional[Any] = None
         # Second order: the step's D_delta micro-batch losses, whose delta gradient is already in place.
         self._computed_delta_losses: list[torch.Tensor] = []
         self._step_noise = contextlib.ExitStack()
@@ -514,6 +515,7 @@ class S3SearchTrainer(Trainer):
     def get_batch_samples(self, epoch_iterator: Iterator, num_batches: int, device: torch.device) -> tuple[list, Any]:
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         self._step_delta_batches = batch_samples
+        self._step_delta_items = num_items_in_batch
         return batch_samples, num_items_in_batch
 
     def training_step(
@@ -530,7 +532,7 @@ class S3SearchTrainer(Trainer):
                 self._anneal()
                 self._step_noise.enter_context(self._tuner.frozen_gate_noise())
                 if self.state.global_step >= self.alpha_warmup_steps:
-                    self._alpha_step(model, delta_batches)
+                    self._alpha_step(model, delta_batches, self._step_delta_items)
                     self._check_stable()
             if self._computed_delta_losses:
                 loss = self._computed_delta_losses.pop(0)
@@ -570,10 +572,24 @@ class S3SearchTrainer(Trainer):
         elif self.state.global_step + 1 - self._stable_since >= self.stop_when_stable:
             self.control.should_training_stop = True
 
-    def _search_loss(self, model: nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-        inputs = self._prepare_inputs(batch)
-        with self.compute_loss_context_manager():
-            return self.compute_loss(model, inputs)
+    def _loss_shares(
+        self, model: nn.Module, batches: list[Any], num_items_in_batch: Optional[Any]
+    ) -> Callable[[Any], torch.Tensor]:
+        """Maps a micro-batch of `batches` to its share of their loss, weighted as `Trainer.training_step` weights the
+        delta step: by items (tokens) when the loss is normalised by `num_items_in_batch`, else equally."""
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)  # a Trainer attribute since transformers 5.2x
+        if scaled is None:
+            scaled = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
+
+        def loss_share(batch: Any) -> torch.Tensor:
+            inputs = self._prepare_inputs(batch)
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            return loss if scaled else loss / len(batches)
+
+        return loss_share
 
     def _next_search_batch(self) -> Any:
         if self._search_batches is None:
@@ -587,18 +603,18 @@ class S3SearchTrainer(Trainer):
             self._search_batches = _SearchBatches(dataloader, self.args.seed, **self._search_stream_state)
         return next(self._search_batches)
 
-    def _alpha_step(self, model: nn.Module, delta_batches: list[Any]) -> None:
-        """Update alpha on as many D_alpha micro-batches as the step has D_delta micro-batches."""
+    def _alpha_step(self, model: nn.Module, delta_batches: list[Any], delta_items: Optional[Any]) -> None:
+        """Update alpha on as many D_alpha micro-batches as the step has D_delta micro-batches (of which
+        `delta_items` is the Trainer's `num_items_in_batch`)."""
         # Outside the DDP wrapper, so these extra passes neither synchronise nor confuse DDP's reducer.
         module = self.accelerator.unwrap_model(model)
         module.train()
         search_batches = [self._next_search_batch() for _ in delta_batches]
-
-        def loss_fn(batch: dict[str, Any]) -> torch.Tensor:
-            return self._search_loss(module, batch)
+        search_items = self._get_num_items_in_batch(search_batches, self.args.device)
+        search_loss = self._loss_shares(module, search_batches, search_items)
 
         if self.bilevel == "first_order":
-            loss = first_order_alpha_gradient(loss_fn, self._alpha, self._delta_parameters, search_batches)
+            loss = first_order_alpha_gradient(search_loss, self._alpha, self._delta_parameters, search_batches)
         else:
             # One seed per micro-batch for all passes of this step: the finite differences then compare the same
             # dropout masks, not mask noise (drawn from the global RNG, so checkpoints resume it).
@@ -610,7 +626,8 @@ class S3SearchTrainer(Trainer):
                 else self.unrolled_learning_rate
             )
             loss, delta_gradient, self._computed_delta_losses = second_order_alpha_gradient(
-                loss_fn,
+                self._loss_shares(module, delta_batches, delta_items),
+                search_loss,
                 self._alpha,
                 self._delta_parameters,
                 delta_batches,
@@ -824,7 +841,7 @@ class S3SearchCallback(TrainerCallback):
             loss = model(**send_to_device(batch, self._device)).loss
             if loss is None:
                 raise ValueError("S3SearchCallback needs search batches with labels, so the model returns a loss.")
-            return loss
+            return loss / len(batches)
 
         deltas = [p for p in model.parameters() if p.requires_grad]
         with requires_grad([self._alpha], True):

@@ -31,9 +31,14 @@ def _mean_loss(alpha, deltas, mixing, batches):
     return torch.stack([_loss(alpha, deltas, mixing, batch) for batch in batches]).mean()
 
 
+def _shares(alpha, deltas, mixing, batches):
+    """The loss closure the estimators take: a micro-batch's share of the mean over `batches`."""
+    return lambda batch: _loss(alpha, deltas, mixing, batch) / len(batches)
+
+
 def test_first_order_is_the_gradient_of_the_mean_loss_at_the_current_delta() -> None:
     alpha, deltas, mixing, batches = _problem()
-    loss = first_order_alpha_gradient(lambda batch: _loss(alpha, deltas, mixing, batch), alpha, deltas, batches)
+    loss = first_order_alpha_gradient(_shares(alpha, deltas, mixing, batches), alpha, deltas, batches)
     expected = torch.autograd.grad(_mean_loss(alpha, deltas, mixing, batches), alpha)[0]
     torch.testing.assert_close(alpha.grad, expected)
     # Losses come back in float32, as the Trainer logs them.
@@ -57,7 +62,8 @@ def test_second_order_matches_the_exact_unrolled_gradient(finite_difference: str
     start = [delta.detach().clone() for delta in deltas]
 
     loss, delta_gradient, delta_losses = second_order_alpha_gradient(
-        lambda batch: _loss(alpha, deltas, mixing, batch),
+        _shares(alpha, deltas, mixing, delta_batches),
+        _shares(alpha, deltas, mixing, search_batches),
         alpha,
         deltas,
         delta_batches,
@@ -85,12 +91,11 @@ def test_second_order_matches_the_exact_unrolled_gradient(finite_difference: str
 
 def test_second_order_with_zero_xi_is_first_order() -> None:
     alpha, deltas, mixing, batches = _problem(seed=2)
-    first_order_alpha_gradient(lambda batch: _loss(alpha, deltas, mixing, batch), alpha, deltas, batches[2:])
+    delta_loss, search_loss = _shares(alpha, deltas, mixing, batches[:2]), _shares(alpha, deltas, mixing, batches[2:])
+    first_order_alpha_gradient(search_loss, alpha, deltas, batches[2:])
     first = alpha.grad.clone()
     alpha.grad = None
-    second_order_alpha_gradient(
-        lambda batch: _loss(alpha, deltas, mixing, batch), alpha, deltas, batches[:2], batches[2:], 0, xi=0.0
-    )
+    second_order_alpha_gradient(delta_loss, search_loss, alpha, deltas, batches[:2], batches[2:], 0, xi=0.0)
     torch.testing.assert_close(alpha.grad, first)
 
 
