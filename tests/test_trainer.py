@@ -589,12 +589,16 @@ def _poison_one_delta(model: peft.PeftModel) -> None:
         next(p for name, p in model.named_parameters() if p.requires_grad and "s3_" in name).fill_(float("nan"))
 
 
+DIVERGED_AT_STEP_0 = r"diverged at step 0: the alpha (\(D_alpha\) loss|gradient)"
+
+
 @pytest.mark.parametrize("bilevel", ["first_order", "second_order"])
 def test_a_diverged_search_stops_with_a_clear_error(tmp_path, bilevel):
     model = search_model()
     trainer = S3SearchTrainer(model=model, args=arguments(tmp_path), train_dataset=MarkerTask(64), bilevel=bilevel)
     _poison_one_delta(model)
-    with pytest.raises(peft_s3.SearchDivergedError, match=r"diverged at step 0: the alpha (\(D_alpha\) loss|gradient)"):
+    # A NaN delta behind a closed gate may leave the loss finite and only its gradient NaN.
+    with pytest.raises(peft_s3.SearchDivergedError, match=DIVERGED_AT_STEP_0):
         trainer.train()
 
 
