@@ -20,6 +20,7 @@ continues where it was, but AdamW's moment estimates restart).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 from collections.abc import Callable, Iterable, Iterator
@@ -573,23 +574,34 @@ class S3SearchTrainer(Trainer):
             self.control.should_training_stop = True
 
     def _loss_shares(
-        self, model: nn.Module, batches: list[Any], num_items_in_batch: Optional[Any]
+        self, model: nn.Module, batches: list[Any], num_items_in_batch: Optional[Any], recorded_passes: int = 0
     ) -> Callable[[Any], torch.Tensor]:
         """Maps a micro-batch of `batches` to its share of their loss, weighted as `Trainer.training_step` weights the
-        delta step: by items (tokens) when the loss is normalised by `num_items_in_batch`, else equally."""
+        delta step: by items (tokens) when the loss is normalised by `num_items_in_batch`, else equally.
+
+        The first `recorded_passes` calls count as training passes for metrics that `compute_loss` records (TRL's
+        token accuracy and token counts); later calls run inside `_unrecorded_pass`.
+        """
         scaled = getattr(self, "loss_is_scaled_for_ga", None)  # a Trainer attribute since transformers 5.2x
         if scaled is None:
             scaled = (
                 self.model_accepts_loss_kwargs and num_items_in_batch is not None
             ) or self.compute_loss_func is not None
+        calls = itertools.count()
 
         def loss_share(batch: Any) -> torch.Tensor:
             inputs = self._prepare_inputs(batch)
-            with self.compute_loss_context_manager():
+            recording = contextlib.nullcontext() if next(calls) < recorded_passes else self._unrecorded_pass()
+            with self.compute_loss_context_manager(), recording:
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
             return loss if scaled else loss / len(batches)
 
         return loss_share
+
+    def _unrecorded_pass(self) -> contextlib.AbstractContextManager:
+        """Around the search's extra passes (D_alpha, finite differences), for subclasses whose `compute_loss` records
+        training metrics; the plain Trainer records none."""
+        return contextlib.nullcontext()
 
     def _next_search_batch(self) -> Any:
         if self._search_batches is None:
@@ -626,7 +638,8 @@ class S3SearchTrainer(Trainer):
                 else self.unrolled_learning_rate
             )
             loss, delta_gradient, self._computed_delta_losses = second_order_alpha_gradient(
-                self._loss_shares(module, delta_batches, delta_items),
+                # Its first pass over the D_delta micro-batches is the delta step's own.
+                self._loss_shares(module, delta_batches, delta_items, recorded_passes=len(delta_batches)),
                 search_loss,
                 self._alpha,
                 self._delta_parameters,
