@@ -53,9 +53,7 @@ class S3SFTTrainer(S3SearchTrainer, SFTTrainer):
         ```
     """
 
-    def __init__(
-        self, *args: Any, search_dataset: Optional[Dataset | IterableDataset] = None, **kwargs: Any
-    ) -> None:
+    def __init__(self, *args: Any, search_dataset: Optional[Dataset | IterableDataset] = None, **kwargs: Any) -> None:
         super().__init__(*args, search_dataset=search_dataset, **kwargs)
         if search_dataset is not None and not self._skip_prepare_dataset:
             self.search_dataset = self._prepare_dataset(
