@@ -42,6 +42,9 @@ def _module_info(s3_model: S3Model, module_names: Iterable[str]) -> dict[str, di
     modules = dict(s3_model.model.named_modules())
     info = {}
     for name in module_names:
+        if name not in modules:  # a fused expert weight, "<experts module>.<parameter>"
+            info[name] = {"type": "expert_parameter", "bias_params": 0}
+            continue
         module = modules[name]
         base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
         bias = getattr(base, "bias", None)

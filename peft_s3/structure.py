@@ -33,6 +33,10 @@ LORA_CONVERSION_LIMITS: dict[str, str] = {
         "a non-linear bottleneck on the output); 'approximate' drops it, as a LoRA stand-in would change both the "
         "function and the parameter count"
     ),
+    "expert_parameter": (
+        "a LoRA slice on a fused expert weight (one rank on every expert of a 3-d parameter) maps to peft's "
+        "target_parameters, whose ranks cannot be set per parameter; retrain the structure with `apply_structure`"
+    ),
     "bitfit_without_bias": (
         "BitFit on a module without a bias (T5 and Llama linears, RMSNorm-style norms) adds a bias, but LoraConfig "
         "can only make existing biases trainable; 'approximate' drops it"
@@ -70,7 +74,8 @@ class ModuleInfo:
     """What LoraConfig conversion needs to know about a module of the structure."""
 
     type: str
-    """One of linear, conv1d (GPT-2's transposed linear), norm, or other (a module that carries only an adapter)."""
+    """One of linear, conv1d (GPT-2's transposed linear), norm, expert_parameter (a fused 3-d MoE expert weight, named
+    `<experts module>.<parameter>`), or other (a module that carries only an adapter)."""
     bias_params: int
     """Number of elements of the module's own bias, 0 when it has none."""
 
@@ -312,7 +317,11 @@ class SearchedStructure:
         if policy not in LORA_POLICIES:
             raise ValueError(f"policy={policy!r} is not allowed; choose one of {list(LORA_POLICIES)}.")
         ranks = self.structure
-        lora_ranks = {module: kinds["lora"] for module, kinds in ranks.items() if "lora" in kinds}
+        lora_ranks = {
+            module: kinds["lora"]
+            for module, kinds in ranks.items()
+            if "lora" in kinds and self.modules[module].type != "expert_parameter"
+        }
         if not lora_ranks:
             raise ValueError(
                 "The structure has no LoRA candidate, and a LoraConfig needs at least one LoRA target. Retrain it "
@@ -325,7 +334,9 @@ class SearchedStructure:
         bitfit_linears: dict[str, str] = {}
         for candidate in self.candidates:
             info = self.modules[candidate.module]
-            if candidate.kind == "adapter":
+            if info.type == "expert_parameter":
+                issues[candidate.name] = "expert_parameter"
+            elif candidate.kind == "adapter":
                 issues[candidate.name] = "adapter"
             elif candidate.kind == "bitfit" and info.bias_params == 0:
                 issues[candidate.name] = "bitfit_without_bias"
@@ -370,7 +381,8 @@ class SearchedStructure:
                 "Pass policy='drop' to leave them out or policy='approximate' for the closest LoraConfig, or retrain "
                 "the structure as it is with `apply_structure`."
             )
-        num_params = sum(c.num_params for c in self.candidates if c.kind == "lora") + norm_params
+        num_params = sum(c.num_params for c in self.candidates if c.kind == "lora" and c.module in lora_ranks)
+        num_params += norm_params
         if bias == "lora_only":
             num_params += sum(self.modules[module].bias_params for module in biased_targets)
         config = LoraConfig(

@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import S3SearchConfig
 from .gates import GateBank
-from .search_space import Candidate, adapter_width, is_linear, linear_features
+from .search_space import Candidate, adapter_width, fused_expert_parameters, is_linear, linear_features
 
 
 class S3Layer(BaseTunerLayer):
@@ -56,8 +56,9 @@ class S3Layer(BaseTunerLayer):
         factory = {"device": weight.device if weight is not None else None, "dtype": torch.float32}
         offsets: dict[str, tuple[int, int]] = {}
         for index, candidate in enumerate(candidates):
-            start, _ = offsets.get(candidate.kind, (index, index))
-            offsets[candidate.kind] = (start, index + 1)
+            key = self._segment_key(candidate)
+            start, _ = offsets.get(key, (index, index))
+            offsets[key] = (start, index + 1)
         self.s3_kind_offsets[adapter_name] = offsets
         self.s3_gate_span[adapter_name] = (gate_start, gate_start + len(candidates))
         self.s3_banks[adapter_name] = bank
@@ -87,6 +88,10 @@ class S3Layer(BaseTunerLayer):
             self.s3_adapter_up[adapter_name] = nn.Parameter(up)
             self.s3_activation[adapter_name] = config.adapter_activation
         self.set_adapter(self.active_adapters)
+
+    def _segment_key(self, candidate: Candidate) -> str:
+        """Key of the candidate's run of gates in `s3_kind_offsets`: its kind."""
+        return candidate.kind
 
     @staticmethod
     def _delta_init(config: S3SearchConfig, *shape: int, **factory: Any) -> torch.Tensor:
@@ -288,6 +293,92 @@ class S3Block(nn.Module, S3Layer):
 
     def _merged_parameter_deltas(self, name: str) -> dict[str, torch.Tensor]:
         return {}
+
+    def __repr__(self) -> str:
+        return "s3." + super().__repr__()
+
+
+class S3Experts(nn.Module, S3Layer):
+    """Fused mixture-of-experts weights (one 3-d parameter per projection, experts first) with gated LoRA slices.
+
+    A slice of a parameter is one rank on every expert: W[e] + gate * scaling * B[e] A[e], the form of peft's LoRA on
+    `target_parameters`. The experts module runs its own forward on the shifted parameters, so routing and expert
+    kernels are untouched. `s3_expert_A[adapter][parameter]` is (experts, rank, columns), `s3_expert_B` (experts,
+    rows, rank).
+    """
+
+    adapter_layer_names = (*S3Layer.adapter_layer_names, "s3_expert_A", "s3_expert_B")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        super().__init__()
+        S3Layer.__init__(self, base_layer)
+        # Per adapter, one tensor per expert parameter: the adapter name stays the first key below the layer name, as
+        # peft's state-dict conversion expects.
+        self.s3_expert_A = nn.ModuleDict()
+        self.s3_expert_B = nn.ModuleDict()
+        self.update_layer(**kwargs)
+
+    def _segment_key(self, candidate: Candidate) -> str:
+        parameter = candidate.module.rpartition(".")[2]
+        return parameter if parameter in fused_expert_parameters(self.get_base_layer()) else candidate.kind
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        candidates: list[Candidate],
+        gate_start: int,
+        bank: Optional[GateBank],
+        config: S3SearchConfig,
+    ) -> None:
+        super().update_layer(adapter_name, candidates, gate_start, bank, config)
+        base = self.get_base_layer()
+        lora_a, lora_b = nn.ParameterDict(), nn.ParameterDict()
+        for parameter in fused_expert_parameters(base):
+            if parameter not in self.s3_kind_offsets[adapter_name]:
+                continue
+            start, stop = self.s3_kind_offsets[adapter_name][parameter]
+            weight = getattr(base, parameter)
+            experts, rows, columns = weight.shape
+            factory = {"device": weight.device, "dtype": torch.float32}
+            a = torch.empty(experts, stop - start, columns, **factory)
+            for expert in a:
+                nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
+            lora_a[parameter] = nn.Parameter(a)
+            lora_b[parameter] = nn.Parameter(self._delta_init(config, experts, rows, stop - start, **factory))
+        self.s3_expert_A[adapter_name] = lora_a
+        self.s3_expert_B[adapter_name] = lora_b
+        self.s3_scaling[adapter_name] = config.lora_alpha / config.max_rank
+        self.set_adapter(self.active_adapters)
+
+    def _expert_deltas(self, name: str) -> dict[str, torch.Tensor]:
+        """Per expert parameter of adapter `name`: the gated, scaled sum of its LoRA slices, per expert."""
+        deltas = {}
+        for parameter, lora_a in self.s3_expert_A[name].items():
+            gate = self._gate(name, parameter)
+            scale = torch.full((lora_a.shape[1],), self.s3_scaling[name], device=lora_a.device, dtype=lora_a.dtype)
+            scale = scale if gate is None else scale * gate
+            deltas[parameter] = torch.einsum("eir,r,erj->eij", self.s3_expert_B[name][parameter], scale, lora_a)
+        return deltas
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self._run_unmerged():
+            return self.base_layer(*args, **kwargs)
+        base = self.base_layer
+        weights: dict[str, torch.Tensor] = {}
+        for name in self._active():
+            if name in self.s3_expert_A:
+                for parameter, delta in self._expert_deltas(name).items():
+                    weight = weights.get(parameter, getattr(base, parameter))
+                    weights[parameter] = weight + delta.to(weight.dtype)
+        output = functional_call(base, weights, args, kwargs) if weights else base(*args, **kwargs)
+        if not any(name in self.s3_adapter_down for name in self._active()):
+            return output
+        return self._add_output_deltas(output, None)
+
+    def _merged_parameter_deltas(self, name: str) -> dict[str, torch.Tensor]:
+        if name not in self.s3_expert_A:
+            return {}
+        return {parameter: delta.detach() for parameter, delta in self._expert_deltas(name).items()}
 
     def __repr__(self) -> str:
         return "s3." + super().__repr__()

@@ -16,8 +16,17 @@ from torch.utils.hooks import RemovableHandle
 
 from .config import S3SearchConfig
 from .gates import GateBank
-from .layer import S3Block, S3Layer, S3Linear, S3Norm
-from .search_space import Candidate, build_fixed_structure, build_search_space, is_linear, is_norm, signature
+from .layer import S3Block, S3Experts, S3Layer, S3Linear, S3Norm
+from .search_space import (
+    Candidate,
+    build_fixed_structure,
+    build_search_space,
+    expert_parameter_owners,
+    fused_expert_parameters,
+    is_linear,
+    is_norm,
+    signature,
+)
 
 
 class S3Model(BaseTuner):
@@ -111,7 +120,9 @@ class S3Model(BaseTuner):
         self._s3_banks[adapter_name] = bank
         plan = {}
         start = 0
-        for module, group in groupby(candidates, key=lambda c: c.module):
+        # Candidates on fused expert parameters live in the layer that wraps the experts module holding them.
+        owners = expert_parameter_owners(model)
+        for module, group in groupby(candidates, key=lambda c: owners.get(c.module, c.module)):
             group = list(group)
             plan[module] = (group, start)
             start += len(group)
@@ -168,6 +179,8 @@ class S3Model(BaseTuner):
             new_module = S3Linear(target, **layer_kwargs)
         elif is_norm(target):
             new_module = S3Norm(target, **layer_kwargs)
+        elif fused_expert_parameters(target):
+            new_module = S3Experts(target, **layer_kwargs)
         else:
             new_module = S3Block(target, **layer_kwargs)
         if adapter_name not in self.active_adapters:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ from transformers.pytorch_utils import Conv1D
 from .config import S3SearchConfig
 
 _ATTENTION_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
+_ROUTER_NAMES = ("gate", "router")
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,43 @@ def is_norm(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     has_eps = any(hasattr(module, attr) for attr in ("eps", "variance_epsilon", "epsilon"))
     return isinstance(weight, nn.Parameter) and weight.dim() == 1 and has_eps
+
+
+def fused_expert_parameters(module: nn.Module) -> list[str]:
+    """Names of a module's own parameters that stack one weight matrix per expert (transformers' fused MoE experts,
+    the parameters peft's `target_parameters` wraps): 3-d, at least two experts, the same expert count for all."""
+    if is_linear(module) or is_norm(module):
+        return []
+    stacked = {name: p for name, p in module.named_parameters(recurse=False) if p.dim() == 3}
+    if len({p.shape[0] for p in stacked.values()}) != 1 or next(iter(stacked.values())).shape[0] < 2:
+        return []
+    return list(stacked)
+
+
+def expert_parameter_owners(model: nn.Module) -> dict[str, str]:
+    """Path of every fused expert parameter (`<experts module>.<name>`) -> path of the module holding it."""
+    modules = named_base_modules(model)
+    return {f"{path}.{name}": path for path, module in modules for name in fused_expert_parameters(module)}
+
+
+def _holds_experts(module: nn.Module) -> bool:
+    return any(name == "experts" or fused_expert_parameters(child) for name, child in module.named_children())
+
+
+def _routing_linears(model: nn.Module) -> set[str]:
+    """Linear layers that route or gate rather than transform hidden states: width-1 gates (Qwen2-MoE's
+    shared_expert_gate) and linear routers named gate/router next to an experts module. A LoRA slice or adapter
+    there would be a handful of parameters steering the routing, not a parameter-efficient module."""
+    modules = dict(named_base_modules(model))
+    routing = set()
+    for path, module in modules.items():
+        if not is_linear(module):
+            continue
+        parent, _, name = path.rpartition(".")
+        router = name in _ROUTER_NAMES and parent in modules and _holds_experts(modules[parent])
+        if router or linear_features(module)[1] == 1:
+            routing.add(path)
+    return routing
 
 
 def matches(patterns: str | Sequence[str] | None, key: str) -> bool:
@@ -121,13 +160,15 @@ def _default_adapter_positions(model: nn.Module, blocks: dict[str, tuple[str, in
 
     Within a block, every linear layer under the outermost module whose class is named like an attention belongs to
     that attention; the last one registered is its output projection. The last linear layer outside any attention is
-    the feed-forward output (BERT `output.dense`, T5 `wo`, GPT-2 `mlp.c_proj`, Llama `down_proj`).
+    the feed-forward output (BERT `output.dense`, T5 `wo`, GPT-2 `mlp.c_proj`, Llama `down_proj`). Mixture-of-experts
+    feed-forward blocks have no such layer (their output sums routed experts) and get no default adapter.
     """
     modules = dict(named_base_modules(model))
+    moe = tuple(f"{path}." for path, module in modules.items() if _holds_experts(module))
     last_in_group: dict[tuple[str, str | None], str] = {}
     for path, module in modules.items():
         block = _enclosing_block(path, blocks)
-        if block is None or not is_linear(module):
+        if block is None or not is_linear(module) or path.startswith(moe):
             continue
         relative = path[len(block) + 1 :].split(".")
         attention = None
@@ -183,26 +224,75 @@ def build_search_space(model: nn.Module, config: S3SearchConfig, check_patterns:
     """
     blocks = find_blocks(model)
     excluded = _excluded(model, config)
+    routing = _routing_linears(model)
     named = [(path, module) for path, module in named_base_modules(model) if path and path not in excluded]
     if config.adapter_modules is None:
         adapter_positions = _default_adapter_positions(model, blocks)
     else:
         adapter_positions = {path for path, _ in named if matches(config.adapter_modules, path)}
     if check_patterns:
-        _check_patterns_match(config, named)
+        experts = [(f"{path}.{name}", module) for path, module in named for name in fused_expert_parameters(module)]
+        _check_patterns_match(config, named, experts)
 
     candidates = []
+    left_out = []
     for path, module in named:
         block = _enclosing_block(path, blocks)
         stack, layer = blocks[block] if block is not None else (None, None)
         position = path[len(block) + 1 :] if block is not None else path
-        kinds = _kinds_for(path, module, config, block is not None, adapter_positions)
-        slots: dict[str, int] = {}
-        for kind, num_params in kinds:
-            slot = slots.get(kind, 0)
-            slots[kind] = slot + 1
-            candidates.append(Candidate(path, kind, slot, num_params, stack, layer, position))
+        if path in routing:
+            left_out.append(path)
+            continue
+        in_blocks = block is not None
+        kinds = [(path, kind, size) for kind, size in _kinds_for(path, module, config, in_blocks, adapter_positions)]
+        kinds += _expert_kinds(path, module, config, in_blocks, excluded)
+        slots: dict[tuple[str, str], int] = {}
+        for target, kind, num_params in kinds:
+            slot = slots.get((target, kind), 0)
+            slots[(target, kind)] = slot + 1
+            target_position = position + target[len(path) :]
+            candidates.append(Candidate(target, kind, slot, num_params, stack, layer, target_position))
+    if check_patterns:
+        _warn_left_out(config, left_out, [path for path, module in named if _holds_experts(module)])
     return candidates
+
+
+def _warn_left_out(config: S3SearchConfig, routing: list[str], moe_blocks: list[str]) -> None:
+    """Name what a mixture-of-experts model leaves out of the search space, so nobody looks for it there."""
+    parts = []
+    if routing:
+        parts.append(
+            f"no candidates on {len(routing)} routing or width-1 gating linears (MoE routers and expert gates), e.g. "
+            f"{routing[:4]}: they steer the routing, and a LoRA slice there is no parameter-efficient module"
+        )
+    if moe_blocks and "adapter" in config.candidate_kinds and config.adapter_modules is None:
+        parts.append(
+            f"no default adapter on {len(moe_blocks)} mixture-of-experts feed-forward blocks, e.g. {moe_blocks[:2]}: "
+            "their output is a routed sum with no output projection to put it on (name them in adapter_modules to "
+            "add one); their experts carry LoRA slices instead"
+        )
+    if parts:
+        warnings.warn("S3 search space: " + "; ".join(parts) + ".", stacklevel=4)
+
+
+def _expert_kinds(
+    path: str, module: nn.Module, config: S3SearchConfig, in_blocks: bool, excluded: set[str]
+) -> list[tuple[str, str, int]]:
+    """(target, kind, parameter count) of the LoRA slices on a module's fused expert parameters.
+
+    A slice is one rank on every expert of the parameter (as peft's `target_parameters` LoRA is), so it costs
+    experts x (rows + columns): every expert's share is counted in the budget.
+    """
+    if "lora" not in config.candidate_kinds:
+        return []
+    found = []
+    for name in fused_expert_parameters(module):
+        target = f"{path}.{name}"
+        targeted = matches(config.target_modules, target) if config.target_modules is not None else in_blocks
+        if targeted and target not in excluded and not matches(config.exclude_modules, target):
+            experts, rows, columns = getattr(module, name).shape
+            found += [(target, "lora", experts * (rows + columns))] * config.max_rank
+    return found
 
 
 def build_fixed_structure(model: nn.Module, config: S3SearchConfig) -> list[Candidate]:
@@ -217,7 +307,8 @@ def build_fixed_structure(model: nn.Module, config: S3SearchConfig) -> list[Cand
         adapter_rank=config.adapter_rank,
     )
     modules = dict(named_base_modules(model))
-    missing = [path for path in config.structure if path not in modules]
+    known = set(modules) | set(expert_parameter_owners(model))
+    missing = [path for path in config.structure if path not in known]
     if missing:
         raise ValueError(
             f"The structure names modules that this model does not have: {missing[:5]}"
@@ -250,7 +341,10 @@ def _excluded(model: nn.Module, config: S3SearchConfig) -> set[str]:
     return excluded
 
 
-def _check_patterns_match(config: S3SearchConfig, named: Iterable[tuple[str, nn.Module]]) -> None:
+def _check_patterns_match(
+    config: S3SearchConfig, named: Iterable[tuple[str, nn.Module]], expert_parameters: list[tuple[str, nn.Module]]
+) -> None:
+    """Each pattern field matches something it can act on; target_modules may also name fused expert parameters."""
     named = list(named)
     checks = (
         ("target_modules", config.target_modules, is_linear, "linear module"),
@@ -261,6 +355,8 @@ def _check_patterns_match(config: S3SearchConfig, named: Iterable[tuple[str, nn.
         if patterns is None:
             continue
         if any(accepts(module) and matches(patterns, path) for path, module in named):
+            continue
+        if field_name == "target_modules" and any(matches(patterns, path) for path, _ in expert_parameters):
             continue
         examples = sorted({path.rsplit(".", 1)[-1] for path, module in named if accepts(module)})[:12]
         raise ValueError(
