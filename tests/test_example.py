@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,3 +31,39 @@ def test_search_and_retrain_script_writes_structure_plots_and_results(tiny_model
     for name in ("s3_structure.json", "gates_p.png", "structure.png", "retrained/adapter_config.json"):
         assert (output / name).is_file(), name
     assert "S3 searched structure" in (output / "retrained" / "README.md").read_text()
+
+
+def test_search_sft_script_searches_and_retrains_a_plain_lora(tmp_path: Path) -> None:
+    """examples/search_sft.py on a tiny Llama with a word-level tokenizer, saved to disk instead of SmolLM2."""
+    pytest.importorskip("trl")
+    import tokenizers
+    from conftest import TINY_MODELS
+    from transformers import PreTrainedTokenizerFast
+
+    model_dir = tmp_path / "tiny-llama"
+    TINY_MODELS["llama"]().save_pretrained(model_dir)
+    # Every word is [UNK] but the few common ones: enough text structure for two optimizer steps.
+    words = ["[PAD]", "[BOS]", "[EOS]", "[UNK]", "the", "a", "of", "to"]
+    vocab = {word: index for index, word in enumerate(words)}
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, "[UNK]"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    special = {"pad_token": "[PAD]", "bos_token": "[BOS]", "eos_token": "[EOS]", "unk_token": "[UNK]"}
+    PreTrainedTokenizerFast(tokenizer_object=backend, **special).save_pretrained(model_dir)
+    output = tmp_path / "out"
+    command = [
+        sys.executable,
+        str(ROOT / "examples" / "search_sft.py"),
+        *("--model", str(model_dir), "--budget", "300", "--steps", "2", "--max-length", "24"),
+        *("--train-articles", "16", "--eval-articles", "8", "--output-dir", str(output)),
+    ]
+    completed = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads((output / "results.json").read_text())
+    assert 0 < results["structure_params"] <= results["budget"] == 300
+    # The LoRA-space structure retrains as a plain peft LoraConfig with exactly its parameter count.
+    assert results["retrained_trainable_params"] == results["structure_params"]
+    assert results["held_out_completion_perplexity_retrained"] > 1.0
+    config = json.loads((output / "retrained" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
