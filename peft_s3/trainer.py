@@ -296,6 +296,10 @@ class S3SearchTrainer(Trainer):
         alpha_warmup_steps: Optimizer steps at the start during which only delta trains. Deltas start at zero (the
             identity), so alpha gets no signal until they have moved. (A step whose alpha gradient is exactly zero,
             such as the first first-order step, never updates alpha nor advances its schedule.)
+        alpha_update_interval: Update alpha every k-th optimizer step of the search (k = 1, the default, is the
+            paper); the steps between are plain delta steps on the same schedule of gates and temperatures. k = 2
+            or 4 cut the search overhead over LoRA training roughly by k (`benchmarks/speed.py`); what that costs in
+            structure quality is for the quality benchmark to say.
         annealing: a `SearchAnnealing` (or the dict of its fields): a budget schedule and temperature schedules that
             start wide and end at the adapter's budget, tau and beta. Default `DEFAULT_ANNEALING`: the expected
             size starts at 4x the budget and tau at 1, both annealed to the config's values over the first half of
@@ -350,6 +354,7 @@ class S3SearchTrainer(Trainer):
         finite_difference: str = "central",
         finite_difference_epsilon: float = 0.01,
         alpha_warmup_steps: int = 0,
+        alpha_update_interval: int = 1,
         annealing: Optional[SearchAnnealing | dict[str, Any]] = DEFAULT_ANNEALING,
         selection_method: str = "exact",
         select_on_validation: bool = False,
@@ -366,6 +371,15 @@ class S3SearchTrainer(Trainer):
             isinstance(stop_when_stable, bool) or not isinstance(stop_when_stable, int) or stop_when_stable < 1
         ):
             raise ValueError(f"stop_when_stable={stop_when_stable!r} is not allowed: use an int >= 1, or None.")
+        if (
+            isinstance(alpha_update_interval, bool)
+            or not isinstance(alpha_update_interval, int)
+            or alpha_update_interval < 1
+        ):
+            raise ValueError(
+                f"alpha_update_interval={alpha_update_interval!r} is not allowed: use an int >= 1 (1 updates alpha at "
+                "every optimizer step, as the paper does)."
+            )
         if bilevel not in BILEVEL_MODES:
             raise ValueError(f"bilevel={bilevel!r} is not allowed: choose one of {list(BILEVEL_MODES)}.")
         if finite_difference not in FINITE_DIFFERENCES:
@@ -422,6 +436,7 @@ class S3SearchTrainer(Trainer):
         self.finite_difference = finite_difference
         self.finite_difference_epsilon = finite_difference_epsilon
         self.alpha_warmup_steps = alpha_warmup_steps
+        self.alpha_update_interval = alpha_update_interval
         if search_dataset is None:
             self.search_dataset, self.train_dataset = self._split(
                 _DEFAULT_SEARCH_SPLIT if search_split is None else search_split
@@ -502,8 +517,9 @@ class S3SearchTrainer(Trainer):
         """The Trainer's scheduler, plus a fresh alpha optimizer, its schedule and the D_alpha stream for this run."""
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         self._num_search_steps = _search_steps(num_training_steps, self.alpha_warmup_steps)
+        num_alpha_updates = math.ceil(self._num_search_steps / self.alpha_update_interval)
         self.alpha_optimizer, self.alpha_lr_scheduler = _alpha_optimizer(
-            self._alpha, self.args, self.alpha_learning_rate, self.alpha_weight_decay, self._num_search_steps
+            self._alpha, self.args, self.alpha_learning_rate, self.alpha_weight_decay, num_alpha_updates
         )
         self._search_batches = None
         self._search_stream_state = {}
@@ -532,7 +548,8 @@ class S3SearchTrainer(Trainer):
                 delta_batches, self._step_delta_batches = self._step_delta_batches, None
                 self._anneal()
                 self._step_noise.enter_context(self._tuner.frozen_gate_noise())
-                if self.state.global_step >= self.alpha_warmup_steps:
+                search_step = self.state.global_step - self.alpha_warmup_steps
+                if search_step >= 0 and search_step % self.alpha_update_interval == 0:
                     self._alpha_step(model, delta_batches, self._step_delta_items)
                     self._check_stable()
             if self._computed_delta_losses:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import pytest
 import torch
 from conftest import NUM_LABELS, TASK_TYPES, TINY_MODELS, VOCAB_SIZE, make_batch
 from torch.func import functional_call
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import peft_s3
 from peft_s3.estimators import second_order_alpha_gradient, seeded
@@ -431,6 +432,43 @@ def test_alpha_warmup_trains_only_deltas_first(tmp_path):
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert ["s3/alpha_loss" in entry for entry in logs] == [False, False, True, True]
     assert trainer.alpha_lr_scheduler.last_epoch == 2
+
+
+@pytest.mark.parametrize("bilevel", ["first_order", "second_order"])
+def test_alpha_updates_every_k_steps_after_warmup(tmp_path, bilevel):
+    model = search_model(init_weights=False)
+    trainer = S3SearchTrainer(
+        model=model,
+        args=arguments(tmp_path, max_steps=7),
+        train_dataset=MarkerTask(64),
+        alpha_warmup_steps=1,
+        alpha_update_interval=2,
+        bilevel=bilevel,
+    )
+    alphas = []
+
+    class Recorder(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            alphas.append(alpha_of(model).detach().clone())
+
+    trainer.add_callback(Recorder())
+    before = alpha_of(model).detach().clone()
+    trainer.train()
+    moved = [not torch.equal(now, then) for now, then in zip(alphas, [before, *alphas[:-1]], strict=True)]
+    # Steps 0..6: warm-up at 0, then alpha at steps 1, 3, 5; the delta-only steps leave it alone.
+    assert moved == [False, True, False, True, False, True, False]
+    # Its learning rate decays to 0 over the 3 alpha updates, not over 6 steps.
+    assert trainer.alpha_lr_scheduler.last_epoch == 3
+    assert trainer.alpha_lr_scheduler.get_last_lr()[0] == 0.0
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert all(math.isfinite(entry["loss"]) for entry in logs)
+
+
+@pytest.mark.parametrize("interval", [0, 1.5, True])
+def test_alpha_update_interval_must_be_a_positive_int(tmp_path, interval):
+    options = {"train_dataset": MarkerTask(64), "alpha_update_interval": interval}
+    with pytest.raises(ValueError, match=f"alpha_update_interval={interval!r} is not allowed"):
+        S3SearchTrainer(model=search_model(), args=arguments(tmp_path), **options)
 
 
 def test_bf16_search_on_llama(tmp_path):
