@@ -410,8 +410,16 @@ class S3SearchTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.args.fp16:
             raise ValueError("fp16=True is not supported by S3SearchTrainer (no loss scaling for alpha); use bf16.")
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise ValueError("S3SearchTrainer supports single-device and DDP training, not DeepSpeed or FSDP.")
+        # args.fsdp too: on CPU transformers drops FSDP silently and would run a search the user did not ask for.
+        if self.is_fsdp_enabled or self.args.fsdp:
+            raise ValueError(
+                f"S3SearchTrainer does not run under FSDP (fsdp={self.args.fsdp!r}): its alpha passes run on the "
+                "unwrapped module, which under FSDP holds only parameter shards. Search with DDP instead (the search "
+                "needs about the memory of LoRA training), then retrain the resolved structure with FSDP or anything "
+                "else the Trainer supports."
+            )
+        if self.is_deepspeed_enabled:
+            raise ValueError("S3SearchTrainer supports single-device and DDP training, not DeepSpeed.")
         _check_checkpointing_arguments(self.args)
         if self.model is not None:
             _search_adapter(self.model)

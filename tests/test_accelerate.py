@@ -57,3 +57,26 @@ def test_two_process_search_matches_single_process(tmp_path):
             torch.tensor(parallel[mode]["alpha_losses"]), torch.tensor(single[mode]["alpha_losses"]), atol=1e-5, rtol=0
         )
         assert parallel[mode]["structure"] == single[mode]["structure"]
+
+
+FSDP_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_trainer import MarkerTask, S3SearchTrainer, arguments, search_model
+try:
+    S3SearchTrainer(model=search_model(), args=arguments({output!r}, fsdp=True), train_dataset=MarkerTask(16))
+except ValueError as error:
+    print("REFUSED:", error)
+"""
+
+
+def test_fsdp_is_refused_with_the_reason(tmp_path):
+    # FSDP needs a distributed run: one process of one (gloo), set up through the environment torchrun would set.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    env |= {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    script = FSDP_SCRIPT.format(tests=str(Path(__file__).parent), output=str(tmp_path))
+    completed = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=TIMEOUT, check=False
+    )
+    assert "REFUSED: S3SearchTrainer does not run under FSDP (fsdp=True)" in completed.stdout, completed.stderr[-2000:]
+    assert "Search with DDP instead" in completed.stdout
