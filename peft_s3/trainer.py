@@ -796,7 +796,9 @@ class S3SearchCallback(TrainerCallback):
     outside the callback's own alpha steps. The Trainer's `train_dataset` is D_delta; keep it disjoint from D_alpha.
     Batches of `search_dataloader` must carry labels, so that the model returns its loss. `annealing` (default
     `DEFAULT_ANNEALING`, as in `S3SearchTrainer`) is applied at the start of each step. See the module docstring for
-    how this differs from `S3SearchTrainer`.
+    how this differs from `S3SearchTrainer`; also, its alpha step averages the micro-batch losses equally, where
+    `S3SearchTrainer` weights them by tokens as the Trainer's delta step does (it matters for causal LMs with
+    gradient accumulation: use `S3SearchTrainer` or `peft_s3.sft.S3SFTTrainer` there).
 
     Example:
 
