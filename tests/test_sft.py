@@ -8,8 +8,9 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import TINY_MODELS, VOCAB_SIZE
+from conftest import HIDDEN_SIZE, NUM_LAYERS, TINY_MODELS, VOCAB_SIZE
 from datasets import Dataset
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from peft_s3 import S3SearchConfig, resolve
 from peft_s3.estimators import first_order_alpha_gradient, second_order_alpha_gradient
@@ -18,6 +19,27 @@ trl = pytest.importorskip("trl")
 from peft_s3.sft import S3SFTTrainer  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(VOCAB_SIZE - 4)]
+
+
+def tiny_qwen2() -> Qwen2ForCausalLM:
+    """Qwen2: biased q/k/v projections, unlike Llama."""
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=HIDDEN_SIZE,
+        intermediate_size=2 * HIDDEN_SIZE,
+        num_hidden_layers=NUM_LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return Qwen2ForCausalLM(config)
+
+
+DECODERS = {"llama": TINY_MODELS["llama"], "qwen2": tiny_qwen2}
 
 
 def _tokenizer() -> transformers.PreTrainedTokenizerFast:
@@ -58,9 +80,9 @@ def _config(tmp_path, **overrides) -> trl.SFTConfig:
     return trl.SFTConfig(**(settings | overrides))
 
 
-def _trainer(tmp_path, bilevel: str = "first_order", **overrides) -> S3SFTTrainer:
+def _trainer(tmp_path, bilevel: str = "first_order", arch: str = "llama", **overrides) -> S3SFTTrainer:
     return S3SFTTrainer(
-        model=TINY_MODELS["llama"](),
+        model=DECODERS[arch](),
         args=_config(tmp_path, **overrides),
         train_dataset=_prompt_completion(24),
         processing_class=_tokenizer(),
@@ -96,8 +118,9 @@ def _step_batches(trainer: S3SFTTrainer) -> tuple[list, list]:
     return delta_batches, search_batches
 
 
-def test_alpha_gradient_is_the_token_weighted_one(tmp_path) -> None:
-    trainer = _trainer(tmp_path)
+@pytest.mark.parametrize("arch", list(DECODERS))
+def test_alpha_gradient_is_the_token_weighted_one(tmp_path, arch: str) -> None:
+    trainer = _trainer(tmp_path, arch=arch)
     model = trainer.model
     delta_batches, search_batches = _step_batches(trainer)
     alpha, deltas = trainer._alpha, trainer._delta_parameters
