@@ -20,7 +20,7 @@ from transformers import (
     Qwen2MoeForCausalLM,
 )
 
-from peft_s3 import S3SearchConfig, apply_structure, resolve
+from peft_s3 import S3SearchConfig, SearchedStructure, apply_structure, resolve
 
 SIZES = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1)
 EXPERTS = 4
@@ -162,7 +162,8 @@ def test_expert_gates_learn_and_the_structure_retrains_and_reloads(arch: str, tm
     chosen = [c for c in structure.candidates if ".experts." in c.module]
     assert chosen and structure.num_trainable_params <= structure.budget
 
-    retrain = apply_structure(_model(arch), structure)
+    structure.save(tmp_path / "structure")
+    retrain = apply_structure(_model(arch), SearchedStructure.load(tmp_path / "structure"))
     trainable = sum(p.numel() for n, p in retrain.named_parameters() if p.requires_grad)
     assert trainable == structure.num_trainable_params
     retrain(**_batch()).loss.backward()
