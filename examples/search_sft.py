@@ -113,12 +113,11 @@ def main() -> None:
 
     print(f"== search: {len(train)} headline -> article pairs, budget {budget}")
     base, tokenizer = load_base(args.model)
+    data = {"train_dataset": train, "eval_dataset": held_out, "processing_class": tokenizer}
     search = S3SFTTrainer(
         model=base,
         args=sft_config(args, output_dir / "search"),
-        train_dataset=train,
-        eval_dataset=held_out,
-        processing_class=tokenizer,
+        **data,
         peft_config=peft_s3.S3SearchConfig(budget=budget, candidate_kinds=SPACES[args.space], task_type="CAUSAL_LM"),
         bilevel=args.bilevel,
     )
@@ -139,14 +138,7 @@ def main() -> None:
     else:
         print("== retrain the structure as an S3 fixed-structure adapter (apply_structure)")
         model, peft_config = peft_s3.apply_structure(base, structure), None
-    retrain = SFTTrainer(
-        model=model,
-        args=sft_config(args, output_dir / "retrain"),
-        train_dataset=train,
-        eval_dataset=held_out,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-    )
+    retrain = SFTTrainer(model=model, args=sft_config(args, output_dir / "retrain"), **data, peft_config=peft_config)
     retrain_started = time.perf_counter()
     retrain.train()
     retrain_seconds = time.perf_counter() - retrain_started

@@ -23,6 +23,8 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     T5Config,
     T5ForConditionalGeneration,
 )
@@ -112,22 +114,31 @@ def tiny_gpt2() -> PreTrainedModel:
     return GPT2LMHeadModel(config)
 
 
+# Sizes and special ids of the tiny Llama-style decoders (grouped-query attention, RMSNorm).
+DECODER_SIZES = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=HIDDEN_SIZE,
+    intermediate_size=2 * HIDDEN_SIZE,
+    num_hidden_layers=NUM_LAYERS,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=32,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
 @_seeded
 def tiny_llama() -> PreTrainedModel:
     """Llama causal LM (bias-free linears, LlamaRMSNorm, grouped-query attention)."""
-    config = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=2 * HIDDEN_SIZE,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(LlamaConfig(**DECODER_SIZES))
+
+
+@_seeded
+def tiny_qwen2() -> PreTrainedModel:
+    """Qwen2 causal LM: a Llama with biased q/k/v projections."""
+    return Qwen2ForCausalLM(Qwen2Config(**DECODER_SIZES))
 
 
 TINY_MODELS: dict[str, Callable[[], PreTrainedModel]] = {

@@ -1,4 +1,4 @@
-"""The example script (the README's main command) end to end, on a tiny BERT saved to disk instead of MiniLM."""
+"""The example scripts end to end, on tiny models saved to disk instead of MiniLM and SmolLM2."""
 
 import json
 import os
@@ -11,19 +11,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_search_and_retrain_script_writes_structure_plots_and_results(tiny_model_dir: Path, tmp_path: Path) -> None:
-    output = tmp_path / "out"
-    command = [
-        sys.executable,
-        str(ROOT / "examples" / "search_and_retrain.py"),
-        *("--model", str(tiny_model_dir), "--dataset", "amazon_food", "--budget", "100"),
-        *("--max-train", "48", "--max-eval", "16", "--max-length", "16", "--batch-size", "8"),
-        *("--search-epochs", "1", "--retrain-epochs", "1", "--output-dir", str(output)),
-    ]
+def run_example(script: str, *arguments: str) -> None:
+    """Runs examples/`script` offline with `arguments`; fails with the end of its stderr."""
+    command = [sys.executable, str(ROOT / "examples" / script), *arguments]
     completed = subprocess.run(
         command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+def test_search_and_retrain_script_writes_structure_plots_and_results(tiny_model_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    run_example(
+        "search_and_retrain.py",
+        *("--model", str(tiny_model_dir), "--dataset", "amazon_food", "--budget", "100"),
+        *("--max-train", "48", "--max-eval", "16", "--max-length", "16", "--batch-size", "8"),
+        *("--search-epochs", "1", "--retrain-epochs", "1", "--output-dir", str(output)),
+    )
     results = json.loads((output / "results.json").read_text())
     assert 0 < results["structure_params"] <= results["budget"] == 100
     assert results["trainable_params_without_head"] == results["structure_params"]
@@ -50,16 +54,11 @@ def test_search_sft_script_searches_and_retrains_a_plain_lora(tmp_path: Path) ->
     special = {"pad_token": "[PAD]", "bos_token": "[BOS]", "eos_token": "[EOS]", "unk_token": "[UNK]"}
     PreTrainedTokenizerFast(tokenizer_object=backend, **special).save_pretrained(model_dir)
     output = tmp_path / "out"
-    command = [
-        sys.executable,
-        str(ROOT / "examples" / "search_sft.py"),
+    run_example(
+        "search_sft.py",
         *("--model", str(model_dir), "--budget", "300", "--steps", "2", "--max-length", "24"),
         *("--train-articles", "16", "--eval-articles", "8", "--output-dir", str(output)),
-    ]
-    completed = subprocess.run(
-        command, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )
-    assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads((output / "results.json").read_text())
     assert 0 < results["structure_params"] <= results["budget"] == 300
     # The LoRA-space structure retrains as a plain peft LoraConfig with exactly its parameter count.

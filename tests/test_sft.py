@@ -8,9 +8,8 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import HIDDEN_SIZE, NUM_LAYERS, TINY_MODELS, VOCAB_SIZE
+from conftest import TINY_MODELS, VOCAB_SIZE, tiny_qwen2
 from datasets import Dataset
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from peft_s3 import S3SearchConfig, resolve
 from peft_s3.estimators import first_order_alpha_gradient, second_order_alpha_gradient
@@ -19,24 +18,6 @@ trl = pytest.importorskip("trl")
 from peft_s3.sft import S3SFTTrainer  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(VOCAB_SIZE - 4)]
-
-
-def tiny_qwen2() -> Qwen2ForCausalLM:
-    """Qwen2: biased q/k/v projections, unlike Llama."""
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=2 * HIDDEN_SIZE,
-        num_hidden_layers=NUM_LAYERS,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=32,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return Qwen2ForCausalLM(config)
 
 
 DECODERS = {"llama": TINY_MODELS["llama"], "qwen2": tiny_qwen2}
