@@ -441,19 +441,25 @@ def memory_probe(name: str, settings: Settings, structure_file: str, steps: int)
 
 
 def measure_memory(
-    names: Sequence[str], settings: Settings, structure: SearchedStructure, steps: int
+    names: Sequence[str], settings: Settings, structure: SearchedStructure, steps: int, repeats: int = 1
 ) -> dict[str, dict[str, Any]]:
-    """Runs `memory_probe` for each configuration of `names` (the reference first) in its own subprocess."""
-    results = {}
+    """Runs `memory_probe` for each configuration of `names` (the reference first) in its own subprocess, `repeats`
+    times interleaved, and keeps the median peak (a CPU RSS peak varies by up to ~17 % between identical runs)."""
+    probes: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     with tempfile.TemporaryDirectory() as directory:
         structure_file = str(structure.save(Path(directory) / "structure.json"))
-        for name in names:
-            command = [sys.executable, __file__, *settings_arguments(settings), "--memory-probe", name,
-                       "--structure-file", structure_file, "--memory-steps", str(steps)]  # fmt: skip
-            completed = subprocess.run(command, capture_output=True, text=True, check=False)
-            if completed.returncode != 0:
-                raise RuntimeError(f"Memory probe of {name} failed:\n{completed.stderr[-3000:]}")
-            results[name] = json.loads(completed.stdout.strip().splitlines()[-1])
+        for _ in range(repeats):
+            for name in names:
+                command = [sys.executable, __file__, *settings_arguments(settings), "--memory-probe", name,
+                           "--structure-file", structure_file, "--memory-steps", str(steps)]  # fmt: skip
+                completed = subprocess.run(command, capture_output=True, text=True, check=False)
+                if completed.returncode != 0:
+                    raise RuntimeError(f"Memory probe of {name} failed:\n{completed.stderr[-3000:]}")
+                probes[name].append(json.loads(completed.stdout.strip().splitlines()[-1]))
+    results = {}
+    for name, runs in probes.items():
+        runs = sorted(runs, key=lambda run: run["peak_mib"])
+        results[name] = {**runs[len(runs) // 2], "peaks_mib": [run["peak_mib"] for run in runs]}
     reference = results[REFERENCE]
     for result in results.values():
         result["peak_ratio"] = result["peak_mib"] / reference["peak_mib"]
@@ -773,6 +779,7 @@ def parse_arguments(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per configuration")
     parser.add_argument("--rounds", type=int, default=20, help="timed interleaved rounds")
     parser.add_argument("--memory-steps", type=int, default=3, help="steps per memory probe")
+    parser.add_argument("--memory-repeats", type=int, default=1, help="probes per configuration (median kept)")
     parser.add_argument("--zeta-repeats", type=int, default=50)
     parser.add_argument("--zeta-threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--candidates", type=int, nargs="+", default=list(CANDIDATE_COUNTS))
@@ -843,7 +850,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         del trainers
         gc.collect()
     if "memory" not in args.skip:
-        results["memory"] = measure_memory(names, settings, structure, args.memory_steps)
+        results["memory"] = measure_memory(names, settings, structure, args.memory_steps, args.memory_repeats)
     if "zeta" not in args.skip:
         results["zeta"] = time_zeta_and_resolve(args.candidates, args.zeta_threads, args.zeta_repeats)
         torch.set_num_threads(settings.threads)
