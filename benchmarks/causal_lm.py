@@ -34,17 +34,10 @@ import torch
 from baselines import build_baseline, build_budgeted_baseline, random_structure, search_space_report
 from datasets import Dataset
 from quality import mean_std, paired_statistics
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    GgufConfig,
-    PreTrainedModel,
-    Trainer,
-    default_data_collator,
-)
+from transformers import Trainer, default_data_collator
 
 import peft_s3
-from peft_s3.data import load_dataset_splits, smollm2_gguf
+from peft_s3.data import load_dataset_splits, load_smollm2_causal_lm
 from peft_s3.recipes import TrainingRecipe
 
 METHODS = ("s3pet-m", "random-m", "adalora", "lora-r1-qv")
@@ -66,14 +59,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="benchmarks/results/causal_lm")
     parser.add_argument("--resume", action="store_true")
     return parser.parse_args(argv)
-
-
-def load_base() -> tuple[PreTrainedModel, Any]:
-    directory, gguf_file = smollm2_gguf()
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=gguf_file, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
-    )
-    return model, AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
 
 
 def article_blocks(tokenizer: Any, seed: int, seq_len: int, train_blocks: int, test_blocks: int) -> dict[str, Dataset]:
@@ -122,7 +107,7 @@ class Benchmark:
         self.data = json.loads(self.path.read_text()) if self.path.exists() else {"runs": []}
         self.data["settings"] = settings
         self.data["command"] = "python " + " ".join(sys.argv)
-        self.base, self.tokenizer = load_base()
+        self.base, self.tokenizer = load_smollm2_causal_lm()
         self.report = search_space_report(self.base, task_type="CAUSAL_LM")
 
     def done(self, method: str, budget: float | None, seed: int) -> bool:

