@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import fnmatch
 import inspect
 import json
+import math
 import shlex
 import statistics
 import subprocess
@@ -74,6 +76,7 @@ DELTA_TENSORS = {"lora": "s3_lora_B", "bitfit": "s3_bias", "lnfit": "s3_scale", 
 # Rescaling the planted deltas: a few fixed-point rounds (the effect is not linear in the delta), then a check.
 _RESCALE_ROUNDS = 4
 _EFFECT_TOLERANCE = 0.1
+_TEACHER_DRAWS = 5
 VARIANT_KEYS = ("trainer", "config", "resolve", "args", "steps", "learning_rate")
 # Set by the probe itself; a variant that tried to change them would break the probe, not test a setting.
 _RESERVED = {
@@ -408,23 +411,52 @@ def build_teacher(case: Case, seed: int, planted: Sequence[Candidate], settings:
     input_ids = random_inputs(settings.examples, seed, settings)[:128]
     base_out = outputs(base, input_ids)
     target = case.effect * _rms(base_out - base_out.mean(0))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 20_000)
-        teacher = peft.get_peft_model(base, config)
-    teacher.eval()
+    teacher = _live_teacher(case, seed, base, config, planted, input_ids, base_out)
     for _ in range(_RESCALE_ROUNDS):
         effects = solo_effects(teacher, planted, input_ids, base_out)
         with torch.no_grad():
             for candidate in planted:
                 _delta(teacher, candidate).mul_(target / max(effects[candidate.name], 1e-12))
     effects = solo_effects(teacher, planted, input_ids, base_out)
-    off = {name: value for name, value in effects.items() if abs(value / target - 1) > _EFFECT_TOLERANCE}
+    off = {
+        name: value
+        for name, value in effects.items()
+        if not math.isfinite(value) or abs(value / target - 1) > _EFFECT_TOLERANCE
+    }
     if off:
         raise ValueError(
             f"Case {case.name!r} seed {seed}: planted candidates {off} do not reach the solo effect {target:.4g} "
             "(the output does not depend on them enough); plant them elsewhere."
         )
     return teacher
+
+
+def _live_teacher(
+    case: Case,
+    seed: int,
+    base: PreTrainedModel,
+    config: peft_s3.S3SearchConfig,
+    planted: Sequence[Candidate],
+    input_ids: torch.Tensor,
+    base_out: torch.Tensor,
+) -> peft.PeftModel:
+    """The teacher's random deltas, redrawn (at most `_TEACHER_DRAWS` times) while a planted candidate has no effect.
+
+    An adapter whose random down-projection is negative on every input is dead behind its ReLU, and no rescaling can
+    give it an effect; the first draw is kept whenever it is alive, so existing cases keep their teachers.
+    """
+    for draw in range(_TEACHER_DRAWS):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 20_000 + 1_000 * draw)
+            teacher = peft.get_peft_model(copy.deepcopy(base), config)
+        teacher.eval()
+        effects = solo_effects(teacher, planted, input_ids, base_out)
+        if all(math.isfinite(value) and value > 0 for value in effects.values()):
+            return teacher
+    raise ValueError(
+        f"Case {case.name!r} seed {seed}: planted candidates {effects} have no effect on the outputs in "
+        f"{_TEACHER_DRAWS} random draws; plant them elsewhere."
+    )
 
 
 class PlantedData(torch.utils.data.Dataset):

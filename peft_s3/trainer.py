@@ -127,14 +127,19 @@ def _apply_alpha_gradient(
 
 
 def _check_search_hyperparameters(
-    alpha_learning_rate: float, alpha_weight_decay: float, alpha_warmup_steps: int
+    alpha_learning_rate: float, alpha_weight_decay: float, alpha_warmup_steps: int | float
 ) -> None:
     if not (isinstance(alpha_learning_rate, (int, float)) and 0 < alpha_learning_rate < math.inf):
         raise ValueError(f"alpha_learning_rate={alpha_learning_rate!r} is not allowed: it must be a finite float > 0.")
     if not (isinstance(alpha_weight_decay, (int, float)) and 0 <= alpha_weight_decay < math.inf):
         raise ValueError(f"alpha_weight_decay={alpha_weight_decay!r} is not allowed: it must be a finite float >= 0.")
-    if isinstance(alpha_warmup_steps, bool) or not isinstance(alpha_warmup_steps, int) or alpha_warmup_steps < 0:
-        raise ValueError(f"alpha_warmup_steps={alpha_warmup_steps!r} is not allowed: it must be an int >= 0.")
+    is_steps = isinstance(alpha_warmup_steps, int) and alpha_warmup_steps >= 0
+    is_ratio = isinstance(alpha_warmup_steps, float) and 0 <= alpha_warmup_steps < 1
+    if isinstance(alpha_warmup_steps, bool) or not (is_steps or is_ratio):
+        raise ValueError(
+            f"alpha_warmup_steps={alpha_warmup_steps!r} is not allowed: use an int >= 0 (optimizer steps) or a float "
+            "in [0, 1) (a share of the run's optimizer steps)."
+        )
 
 
 def _annealing(annealing: Optional[SearchAnnealing | dict[str, Any]]) -> Optional[SearchAnnealing]:
@@ -176,13 +181,16 @@ def _check_model_checkpointing(model: nn.Module) -> None:
             )
 
 
-def _search_steps(max_steps: int, alpha_warmup_steps: int) -> int:
-    if alpha_warmup_steps >= max_steps:
+def _warmup_steps(max_steps: int, alpha_warmup_steps: int | float) -> int:
+    """Warm-up steps of a run of `max_steps`: a float is a share of them (rounded up, as TrainingArguments'
+    warmup_steps), an int a count; it must leave at least one structure-search step."""
+    steps = alpha_warmup_steps if isinstance(alpha_warmup_steps, int) else math.ceil(alpha_warmup_steps * max_steps)
+    if steps >= max_steps:
         raise ValueError(
             f"alpha_warmup_steps={alpha_warmup_steps} leaves no structure-search step in a run of {max_steps} "
             f"optimizer steps; use fewer than {max_steps} warm-up steps or train longer."
         )
-    return max_steps - alpha_warmup_steps
+    return steps
 
 
 def _current_probabilities(bank: GateBank) -> torch.Tensor:
@@ -293,7 +301,8 @@ class S3SearchTrainer(Trainer):
             delta gradient).
         finite_difference_epsilon: The finite-difference step is this divided by the norm of the gradient it
             perturbs along, as in DARTS.
-        alpha_warmup_steps: Optimizer steps at the start during which only delta trains. Deltas start at zero (the
+        alpha_warmup_steps: Optimizer steps at the start during which only delta trains: an int is a count, a float
+            in [0, 1) a share of the run's steps (as TrainingArguments' warmup_steps). Deltas start at zero (the
             identity), so alpha gets no signal until they have moved. (A step whose alpha gradient is exactly zero,
             such as the first first-order step, never updates alpha nor advances its schedule.)
         alpha_update_interval: Update alpha every k-th optimizer step of the search (k = 1, the default, is the
@@ -353,7 +362,7 @@ class S3SearchTrainer(Trainer):
         unrolled_learning_rate: Optional[float] = None,
         finite_difference: str = "central",
         finite_difference_epsilon: float = 0.01,
-        alpha_warmup_steps: int = 0,
+        alpha_warmup_steps: int | float = 0,
         alpha_update_interval: int = 1,
         annealing: Optional[SearchAnnealing | dict[str, Any]] = DEFAULT_ANNEALING,
         selection_method: str = "exact",
@@ -524,7 +533,8 @@ class S3SearchTrainer(Trainer):
     ) -> torch.optim.lr_scheduler.LRScheduler:
         """The Trainer's scheduler, plus a fresh alpha optimizer, its schedule and the D_alpha stream for this run."""
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        self._num_search_steps = _search_steps(num_training_steps, self.alpha_warmup_steps)
+        self._num_warmup_steps = _warmup_steps(num_training_steps, self.alpha_warmup_steps)
+        self._num_search_steps = num_training_steps - self._num_warmup_steps
         num_alpha_updates = math.ceil(self._num_search_steps / self.alpha_update_interval)
         self.alpha_optimizer, self.alpha_lr_scheduler = _alpha_optimizer(
             self._alpha, self.args, self.alpha_learning_rate, self.alpha_weight_decay, num_alpha_updates
@@ -556,7 +566,7 @@ class S3SearchTrainer(Trainer):
                 delta_batches, self._step_delta_batches = self._step_delta_batches, None
                 self._anneal()
                 self._step_noise.enter_context(self._tuner.frozen_gate_noise())
-                search_step = self.state.global_step - self.alpha_warmup_steps
+                search_step = self.state.global_step - self._num_warmup_steps
                 if search_step >= 0 and search_step % self.alpha_update_interval == 0:
                     self._alpha_step(model, delta_batches, self._step_delta_items)
                     self._check_stable()
@@ -576,7 +586,7 @@ class S3SearchTrainer(Trainer):
     def _annealing_progress(self) -> float:
         if self.annealing is None:
             return 1.0
-        return self.annealing.progress(self.state.global_step - self.alpha_warmup_steps, self._num_search_steps)
+        return self.annealing.progress(self.state.global_step - self._num_warmup_steps, self._num_search_steps)
 
     def _anneal(self) -> None:
         if self.annealing is not None:
@@ -815,7 +825,7 @@ class S3SearchCallback(TrainerCallback):
         search_dataloader: Iterable,
         alpha_learning_rate: float = 0.5,
         alpha_weight_decay: float = 0.0,
-        alpha_warmup_steps: int = 0,
+        alpha_warmup_steps: int | float = 0,
         annealing: Optional[SearchAnnealing | dict[str, Any]] = DEFAULT_ANNEALING,
     ) -> None:
         _check_search_hyperparameters(alpha_learning_rate, alpha_weight_decay, alpha_warmup_steps)
@@ -846,20 +856,21 @@ class S3SearchCallback(TrainerCallback):
                 "`Trainer(callbacks=[...])` (not `add_callback` after the Trainer was created), so it can keep alpha "
                 "out of that optimizer."
             )
-        self._num_search_steps = _search_steps(state.max_steps, self.alpha_warmup_steps)
+        self._num_warmup_steps = _warmup_steps(state.max_steps, self.alpha_warmup_steps)
+        self._num_search_steps = state.max_steps - self._num_warmup_steps
         self._final_temperatures = (self._bank.tau, self._bank.beta)
         self.alpha_optimizer, self.alpha_lr_scheduler = _alpha_optimizer(
             self._alpha, args, self.alpha_learning_rate, self.alpha_weight_decay, self._num_search_steps
         )
         # A resumed run continues the learning-rate schedule (the AdamW moments are not in the checkpoint).
-        for _ in range(max(0, state.global_step - self.alpha_warmup_steps)):
+        for _ in range(max(0, state.global_step - self._num_warmup_steps)):
             self.alpha_lr_scheduler.step()
         self._search_batches = _SearchBatches(self.search_dataloader, args.seed)
         self._device = args.device
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         if self.annealing is not None:
-            progress = self.annealing.progress(state.global_step - self.alpha_warmup_steps, self._num_search_steps)
+            progress = self.annealing.progress(state.global_step - self._num_warmup_steps, self._num_search_steps)
             self.annealing.apply(self._bank, *self._final_temperatures, progress)
         self._step_noise.enter_context(self._tuner.frozen_gate_noise())
 
@@ -869,7 +880,7 @@ class S3SearchCallback(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any):
         try:
-            if state.global_step > self.alpha_warmup_steps:
+            if state.global_step > self._num_warmup_steps:
                 self._alpha_step(kwargs["model"], args.gradient_accumulation_steps, state.global_step)
         finally:
             self._step_noise.close()

@@ -423,10 +423,11 @@ def test_an_exactly_zero_alpha_gradient_spends_no_alpha_step(tmp_path):
     assert trainer.alpha_lr_scheduler.last_epoch == 1
 
 
-def test_alpha_warmup_trains_only_deltas_first(tmp_path):
+@pytest.mark.parametrize("warmup", [2, 0.3])  # 0.3 of 4 steps is 1.2, rounded up to 2 as TrainingArguments does
+def test_alpha_warmup_trains_only_deltas_first(tmp_path, warmup):
     model = search_model(init_weights=False)
     trainer = S3SearchTrainer(
-        model=model, args=arguments(tmp_path, max_steps=4), train_dataset=MarkerTask(64), alpha_warmup_steps=2
+        model=model, args=arguments(tmp_path, max_steps=4), train_dataset=MarkerTask(64), alpha_warmup_steps=warmup
     )
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -517,6 +518,8 @@ def test_non_reentrant_activation_checkpointing(tmp_path):
         ({"finite_difference": "backward"}, "finite_difference='backward' is not allowed: choose one of"),
         ({"alpha_warmup_steps": -1}, "alpha_warmup_steps=-1"),
         ({"alpha_warmup_steps": 1.5}, "alpha_warmup_steps=1.5"),
+        ({"alpha_warmup_steps": 1.0}, r"alpha_warmup_steps=1.0 is not allowed: .* or a float in \[0, 1\)"),
+        ({"alpha_warmup_steps": True}, "alpha_warmup_steps=True"),
         ({"search_dataset": MarkerTask(0)}, "search_dataset is empty"),
     ],
 )
@@ -555,6 +558,9 @@ def test_bad_models_and_datasets(tmp_path):
         S3SearchTrainer(model=search_model(), args=reentrant, train_dataset=MarkerTask(32))
     trainer = S3SearchTrainer(model=search_model(), args=args, train_dataset=MarkerTask(32), alpha_warmup_steps=4)
     with pytest.raises(ValueError, match="alpha_warmup_steps=4 leaves no structure-search step"):
+        trainer.train()
+    trainer = S3SearchTrainer(model=search_model(), args=args, train_dataset=MarkerTask(32), alpha_warmup_steps=0.99)
+    with pytest.raises(ValueError, match="alpha_warmup_steps=0.99 leaves no structure-search step"):
         trainer.train()
 
 
