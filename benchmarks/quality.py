@@ -95,6 +95,8 @@ METHODS: tuple[str, ...] = (*BUDGETED_METHODS, *FIXED_METHODS, "transfer")
 DEFAULT_METHODS: tuple[str, ...] = (*BUDGETED_METHODS, "lora-r1-qv", "bitfit", "lnfit", FULL_FT)
 REFERENCES: dict[str, tuple[str, ...]] = {
     **{method: (RANDOM, *BUDGETED_BASELINES) for method in SEARCH_SPACES},
+    # The paper finds the Mix space at least as good as the LoRA-only one (issue 9 asks whether it is here).
+    "s3pet-m": (RANDOM, *BUDGETED_BASELINES, "s3pet-l"),
     TRANSFER: (RANDOM,),
 }
 """Searched method -> the methods it is compared with pairwise (same data set, budget and seed)."""
