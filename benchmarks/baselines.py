@@ -67,17 +67,16 @@ def search_space_report(
 
     It lists every candidate of the search space with its module, kind and size; `model` itself is left untouched.
     `modules_to_save` are trained in full besides the candidates (e.g. a pooler in front of the classifier, which
-    peft adds for SEQ_CLS); every baseline built from the report trains them too. The report's budget is the largest
-    one a search accepts (one parameter below the whole space, so that no candidate is too large to be searched) and
-    means nothing here: the builders take their budget explicitly.
+    peft adds for SEQ_CLS); every baseline built from the report trains them too. The report's budget is the smallest
+    one a search accepts (the smallest candidate) and means nothing here: the builders take their budget explicitly.
     """
     options = {
         "candidate_kinds": list(candidate_kinds),
         "task_type": task_type,
         "modules_to_save": None if modules_to_save is None else list(modules_to_save),
     }
-    space = sum(c.num_params for c in build_search_space(model, peft_s3.S3SearchConfig(budget=1, **options)))
-    return gate_report(peft.get_peft_model(copy.deepcopy(model), peft_s3.S3SearchConfig(budget=space - 1, **options)))
+    smallest = min(c.num_params for c in build_search_space(model, peft_s3.S3SearchConfig(budget=1, **options)))
+    return gate_report(peft.get_peft_model(copy.deepcopy(model), peft_s3.S3SearchConfig(budget=smallest, **options)))
 
 
 def kind_structure(report: dict[str, Any], kind: str) -> dict[str, dict[str, int]]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import warnings
 from collections.abc import Iterator
 from itertools import groupby
 from typing import Any, Optional
@@ -95,8 +94,6 @@ class S3Model(BaseTuner):
         candidates = build_search_space(model, config) if config.is_search else build_fixed_structure(model, config)
         if not candidates:
             raise ValueError(_no_candidates_message(model, config))
-        if config.is_search:
-            budget, candidates = self._budget_and_fitting_candidates(config, candidates)
         _check_not_nested(candidates)
         digest = signature(candidates)
         if config.search_space_signature is not None and config.search_space_signature != digest:
@@ -110,6 +107,7 @@ class S3Model(BaseTuner):
         bank = None
         if config.is_search:
             sizes = torch.tensor([c.num_params for c in candidates], dtype=torch.float32)
+            budget = self._check_budget(config, sizes)
             device = next(model.parameters()).device
             alpha = torch.full((len(candidates),), config.alpha_init, device=device)
             # peft freezes inference-mode adapters inside the wrapped model only; alpha lives on the tuner itself.
@@ -131,42 +129,24 @@ class S3Model(BaseTuner):
         self._s3_module_plans[adapter_name] = plan
         self._s3_injecting = adapter_name
 
-    def _budget_and_fitting_candidates(
-        self, config: S3SearchConfig, candidates: list[Candidate]
-    ) -> tuple[int, list[Candidate]]:
-        """The absolute budget, and the candidates no larger than it.
-
-        A candidate larger than the budget can never be part of the resolved structure, yet under the shifted sigmoid
-        it would hold expected size that the structure cannot: the search would end less decided and rank the
-        candidates that fit on what is left.
-        """
+    def _check_budget(self, config: S3SearchConfig, sizes: torch.Tensor) -> int:
         budget = config.absolute_budget(self.backbone_num_params)
-        smallest = min(c.num_params for c in candidates)
+        space = int(sizes.sum().item())
+        smallest = int(sizes.min().item())
         if budget < smallest:
             raise ValueError(
                 f"budget={config.budget!r} allows {budget} trainable parameters, fewer than the smallest candidate "
                 f"({smallest}), so no structure fits. Allowed: at least {smallest} and below the search space "
-                f"size {sum(c.num_params for c in candidates)} (backbone: {self.backbone_num_params} parameters)."
+                f"size {space} (backbone: {self.backbone_num_params} parameters)."
             )
-        fitting = [c for c in candidates if c.num_params <= budget]
-        space = sum(c.num_params for c in fitting)
         if budget >= space:
-            larger = len(candidates) - len(fitting)
-            left_out = f" ({larger} larger candidates left out, as no structure within the budget can hold them)"
             raise ValueError(
                 f"budget={config.budget!r} allows {budget} trainable parameters, but the whole search space has only "
-                f"{space} in {len(fitting)} candidates{left_out if larger else ''}, so there is nothing to search. "
-                f"Use a budget below {space} (a fraction below {space / self.backbone_num_params:.3g} of the "
-                "backbone), or enlarge the space (max_rank, candidate_kinds, target_modules)."
+                f"{space} in {len(sizes)} candidates, so there is nothing to search. Use a budget below {space} "
+                f"(a fraction below {space / self.backbone_num_params:.3g} of the backbone), or enlarge the space "
+                "(max_rank, candidate_kinds, target_modules)."
             )
-        if len(fitting) < len(candidates):
-            larger = sorted({c.num_params for c in candidates if c.num_params > budget})
-            warnings.warn(
-                f"S3 search space: {len(candidates) - len(fitting)} candidates of {larger} parameters are larger "
-                f"than the budget ({budget}) and are left out of the search; {len(fitting)} candidates remain.",
-                stacklevel=5,
-            )
-        return budget, fitting
+        return budget
 
     def _prepare_adapter_config(self, peft_config: S3SearchConfig, model_config: dict) -> S3SearchConfig:
         return peft_config
