@@ -112,6 +112,37 @@ def test_pooling_pairs_by_dataset_and_seed():
     assert {r["metric"] for r in f1} == {"test_macro_f1"}
 
 
+def test_mix_search_is_paired_with_the_lora_only_search_but_not_the_reverse():
+    runs = [_run("s3pet-m", "a", 2e-4, 0, 0.80), _run("s3pet-l", "a", 2e-4, 0, 0.75)]
+    pairs = {(r["method"], r["reference"]) for r in quality.paired_differences(runs)}
+    assert pairs == {("s3pet-m", "s3pet-l")}
+
+
+def test_paired_across_pairs_a_variant_output_with_the_reference_grid():
+    spec = importlib.util.spec_from_file_location("benchmark_paired_across", _BENCHMARKS / "paired_across.py")
+    paired_across = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paired_across)
+    variant = [
+        _run("s3pet-m", "a", 2e-4, 0, 0.82, decided_mass=0.9),
+        _run("s3pet-m", "a", 2e-4, 1, 0.70, decided_mass=0.8),
+        _run("s3pet-m", "b", 2e-4, 0, 0.90, decided_mass=0.7),  # no reference run for (b, 0): no pair
+    ]
+    reference = [
+        _run("s3pet-m", "a", 2e-4, 0, 0.80, decided_mass=0.5),
+        _run("s3pet-m", "a", 2e-4, 1, 0.74, decided_mass=0.6),
+        _run("random-m", "a", 2e-4, 0, 0.60),
+        _run("s3pet-m", "a", 5e-5, 0, 0.10, decided_mass=0.1),  # another budget: not paired with 2e-4
+    ]
+    rows = paired_across.paired_rows(variant, reference, "s3pet-m", ["s3pet-m", "random-m"], "test_accuracy")
+    by_key = {(r["reference"], r["budget"], r["scope"]): r for r in rows}
+    assert by_key[("s3pet-m", 2e-4, "pooled")]["n"] == 2
+    assert by_key[("s3pet-m", 2e-4, "pooled")]["mean"] == pytest.approx((2.0 - 4.0) / 2)  # in points
+    assert by_key[("random-m", 2e-4, "a")]["mean"] == pytest.approx(22.0)
+    assert all(r["budget"] == 2e-4 for r in rows)
+    mass = paired_across.paired_rows(variant, reference, "s3pet-m", ["s3pet-m"], "decided_mass")
+    assert {r["scope"]: r["mean"] for r in mass}["pooled"] == pytest.approx((0.4 + 0.2) / 2)  # plain difference
+
+
 # ----------------------------------------------------------------------------------------------- the data
 
 
