@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from quality import paired_statistics, run_key
+from quality import paired_observations, paired_statistics
 
 METRICS = ("test_accuracy", "test_macro_f1", "decided_mass")
 
@@ -33,29 +33,22 @@ def paired_rows(
     """Variant minus reference of `metric` per (reference method, budget), per data set and pooled (in points for
     scores, as a plain difference for decided_mass)."""
     scale = 1.0 if metric == "decided_mass" else 100.0
-    values = {run_key(run): run.get(metric) for run in reference}
+    groups = paired_observations(variant, reference, {method: references}, metric)
     rows = []
-    for other in references:
-        groups: dict[float, dict[tuple[str, int], float]] = {}
-        for run in variant:
-            if run["method"] != method or run.get(metric) is None:
-                continue
-            paired = values.get((other, run["dataset"], run["budget"], run["seed"]))
-            if paired is not None:
-                groups.setdefault(run["budget"], {})[(run["dataset"], run["seed"])] = scale * (run[metric] - paired)
-        for budget, observations in groups.items():
-            datasets = list(dict.fromkeys(dataset for dataset, _ in observations))
-            for scope in [*datasets, "pooled"]:
-                differences = [d for (dataset, _), d in observations.items() if scope in ("pooled", dataset)]
-                rows.append(
-                    {
-                        "metric": metric,
-                        "reference": other,
-                        "budget": budget,
-                        "scope": scope,
-                        **paired_statistics(differences),
-                    }
-                )
+    # By reference in the order asked for, then by budget in the order the variant ran them.
+    for (_, other, budget), observations in sorted(groups.items(), key=lambda item: references.index(item[0][1])):
+        datasets = list(dict.fromkeys(dataset for dataset, _ in observations))
+        for scope in [*datasets, "pooled"]:
+            differences = [scale * d for (dataset, _), d in observations.items() if scope in ("pooled", dataset)]
+            rows.append(
+                {
+                    "metric": metric,
+                    "reference": other,
+                    "budget": budget,
+                    "scope": scope,
+                    **paired_statistics(differences),
+                }
+            )
     return rows
 
 

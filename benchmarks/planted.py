@@ -411,13 +411,12 @@ def build_teacher(case: Case, seed: int, planted: Sequence[Candidate], settings:
     input_ids = random_inputs(settings.examples, seed, settings)[:128]
     base_out = outputs(base, input_ids)
     target = case.effect * _rms(base_out - base_out.mean(0))
-    teacher = _live_teacher(case, seed, base, config, planted, input_ids, base_out)
+    teacher, effects = _live_teacher(case, seed, base, config, planted, input_ids, base_out)
     for _ in range(_RESCALE_ROUNDS):
-        effects = solo_effects(teacher, planted, input_ids, base_out)
         with torch.no_grad():
             for candidate in planted:
                 _delta(teacher, candidate).mul_(target / max(effects[candidate.name], 1e-12))
-    effects = solo_effects(teacher, planted, input_ids, base_out)
+        effects = solo_effects(teacher, planted, input_ids, base_out)
     off = {
         name: value
         for name, value in effects.items()
@@ -439,8 +438,9 @@ def _live_teacher(
     planted: Sequence[Candidate],
     input_ids: torch.Tensor,
     base_out: torch.Tensor,
-) -> peft.PeftModel:
-    """The teacher's random deltas, redrawn (at most `_TEACHER_DRAWS` times) while a planted candidate has no effect.
+) -> tuple[peft.PeftModel, dict[str, float]]:
+    """The teacher with random deltas, redrawn (at most `_TEACHER_DRAWS` times) while a planted candidate has no
+    effect, and the solo effects of its planted candidates.
 
     An adapter whose random down-projection is negative on every input is dead behind its ReLU, and no rescaling can
     give it an effect; the first draw is kept whenever it is alive, so existing cases keep their teachers.
@@ -452,7 +452,7 @@ def _live_teacher(
         teacher.eval()
         effects = solo_effects(teacher, planted, input_ids, base_out)
         if all(math.isfinite(value) and value > 0 for value in effects.values()):
-            return teacher
+            return teacher, effects
     raise ValueError(
         f"Case {case.name!r} seed {seed}: planted candidates {effects} have no effect on the outputs in "
         f"{_TEACHER_DRAWS} random draws; plant them elsewhere."

@@ -41,7 +41,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -557,6 +557,27 @@ def _method_rank(method: str) -> int:
     return order.index(method) if method in order else len(order)
 
 
+def paired_observations(
+    runs: Sequence[dict[str, Any]],
+    reference_runs: Sequence[dict[str, Any]],
+    references: Mapping[str, Sequence[str]],
+    metric: str,
+) -> dict[tuple[str, str, float], dict[tuple[str, int], float]]:
+    """{(method, reference, budget): {(data set, seed): method's `metric` minus the reference's}} for each method of
+    `runs` with `references`, paired with `reference_runs` of the same data set, budget and seed."""
+    others = {run_key(run): run[metric] for run in reference_runs if run.get(metric) is not None}
+    groups: dict[tuple[str, str, float], dict[tuple[str, int], float]] = {}
+    for run in runs:
+        if run.get(metric) is None:
+            continue
+        method, dataset, budget, seed = run_key(run)
+        for reference in references.get(method, ()):
+            other = others.get((reference, dataset, budget, seed))
+            if other is not None:
+                groups.setdefault((method, reference, budget), {})[(dataset, seed)] = run[metric] - other
+    return groups
+
+
 def paired_differences(runs: Sequence[dict[str, Any]], metric: str = "test_accuracy") -> list[dict[str, Any]]:
     """Searched minus reference `metric`, paired by (data set, budget, seed), per data set and pooled over data sets.
 
@@ -564,13 +585,7 @@ def paired_differences(runs: Sequence[dict[str, Any]], metric: str = "test_accur
     variance. The pooled rows (at a budget that at least two data sets have) take each (data set, seed) pair as one
     observation.
     """
-    values = {run_key(run): run[metric] for run in runs if metric in run}
-    groups: dict[tuple[str, str, float], dict[tuple[str, int], float]] = {}
-    for (method, dataset, budget, seed), value in values.items():
-        for reference in REFERENCES.get(method, ()):
-            other = values.get((reference, dataset, budget, seed))
-            if other is not None:
-                groups.setdefault((method, reference, budget), {})[(dataset, seed)] = value - other
+    groups = paired_observations(runs, runs, REFERENCES, metric)
     datasets_order = _dataset_order(runs)
     rows = []
     for (method, reference, budget), observations in groups.items():

@@ -181,16 +181,16 @@ def _check_model_checkpointing(model: nn.Module) -> None:
             )
 
 
-def _warmup_steps(max_steps: int, alpha_warmup_steps: int | float) -> int:
-    """Warm-up steps of a run of `max_steps`: a float is a share of them (rounded up, as TrainingArguments'
-    warmup_steps), an int a count; it must leave at least one structure-search step."""
+def _warmup_and_search_steps(max_steps: int, alpha_warmup_steps: int | float) -> tuple[int, int]:
+    """Warm-up and structure-search steps of a run of `max_steps`: a float `alpha_warmup_steps` is a share of them
+    (rounded up, as TrainingArguments' warmup_steps), an int a count; it must leave at least one search step."""
     steps = alpha_warmup_steps if isinstance(alpha_warmup_steps, int) else math.ceil(alpha_warmup_steps * max_steps)
     if steps >= max_steps:
         raise ValueError(
             f"alpha_warmup_steps={alpha_warmup_steps} leaves no structure-search step in a run of {max_steps} "
             f"optimizer steps; use fewer than {max_steps} warm-up steps or train longer."
         )
-    return steps
+    return steps, max_steps - steps
 
 
 def _current_probabilities(bank: GateBank) -> torch.Tensor:
@@ -533,8 +533,9 @@ class S3SearchTrainer(Trainer):
     ) -> torch.optim.lr_scheduler.LRScheduler:
         """The Trainer's scheduler, plus a fresh alpha optimizer, its schedule and the D_alpha stream for this run."""
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        self._num_warmup_steps = _warmup_steps(num_training_steps, self.alpha_warmup_steps)
-        self._num_search_steps = num_training_steps - self._num_warmup_steps
+        self._num_warmup_steps, self._num_search_steps = _warmup_and_search_steps(
+            num_training_steps, self.alpha_warmup_steps
+        )
         num_alpha_updates = math.ceil(self._num_search_steps / self.alpha_update_interval)
         self.alpha_optimizer, self.alpha_lr_scheduler = _alpha_optimizer(
             self._alpha, self.args, self.alpha_learning_rate, self.alpha_weight_decay, num_alpha_updates
@@ -856,8 +857,9 @@ class S3SearchCallback(TrainerCallback):
                 "`Trainer(callbacks=[...])` (not `add_callback` after the Trainer was created), so it can keep alpha "
                 "out of that optimizer."
             )
-        self._num_warmup_steps = _warmup_steps(state.max_steps, self.alpha_warmup_steps)
-        self._num_search_steps = state.max_steps - self._num_warmup_steps
+        self._num_warmup_steps, self._num_search_steps = _warmup_and_search_steps(
+            state.max_steps, self.alpha_warmup_steps
+        )
         self._final_temperatures = (self._bank.tau, self._bank.beta)
         self.alpha_optimizer, self.alpha_lr_scheduler = _alpha_optimizer(
             self._alpha, args, self.alpha_learning_rate, self.alpha_weight_decay, self._num_search_steps
