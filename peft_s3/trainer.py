@@ -37,7 +37,6 @@ from transformers.optimization import get_linear_schedule_with_warmup
 from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
-from .alpha_optimizer import build_alpha_optimizer, check_alpha_second_moment
 from .annealing import DEFAULT_ANNEALING, SearchAnnealing
 from .estimators import (
     FINITE_DIFFERENCES,
@@ -79,16 +78,15 @@ def _search_adapter(model: Optional[nn.Module]) -> tuple[S3Model, GateBank, nn.P
 
 
 def _alpha_optimizer(
-    alpha: nn.Parameter,
-    args: TrainingArguments,
-    learning_rate: float,
-    weight_decay: float,
-    second_moment: str,
-    num_steps: int,
+    alpha: nn.Parameter, args: TrainingArguments, learning_rate: float, weight_decay: float, num_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """AdamW on alpha with the run's Adam betas and epsilon, its learning rate decaying linearly to 0."""
-    optimizer = build_alpha_optimizer(
-        alpha, learning_rate, (args.adam_beta1, args.adam_beta2), args.adam_epsilon, weight_decay, second_moment
+    optimizer = torch.optim.AdamW(
+        [alpha],
+        lr=learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        eps=args.adam_epsilon,
+        weight_decay=weight_decay,
     )
     return optimizer, get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=num_steps)
 
@@ -129,13 +127,12 @@ def _apply_alpha_gradient(
 
 
 def _check_search_hyperparameters(
-    alpha_learning_rate: float, alpha_weight_decay: float, alpha_second_moment: str, alpha_warmup_steps: int | float
+    alpha_learning_rate: float, alpha_weight_decay: float, alpha_warmup_steps: int | float
 ) -> None:
     if not (isinstance(alpha_learning_rate, (int, float)) and 0 < alpha_learning_rate < math.inf):
         raise ValueError(f"alpha_learning_rate={alpha_learning_rate!r} is not allowed: it must be a finite float > 0.")
     if not (isinstance(alpha_weight_decay, (int, float)) and 0 <= alpha_weight_decay < math.inf):
         raise ValueError(f"alpha_weight_decay={alpha_weight_decay!r} is not allowed: it must be a finite float >= 0.")
-    check_alpha_second_moment(alpha_second_moment)
     is_steps = isinstance(alpha_warmup_steps, int) and alpha_warmup_steps >= 0
     is_ratio = isinstance(alpha_warmup_steps, float) and 0 <= alpha_warmup_steps < 1
     if isinstance(alpha_warmup_steps, bool) or not (is_steps or is_ratio):
@@ -289,10 +286,6 @@ class S3SearchTrainer(Trainer):
             is meant for thousands of steps; 0.5 decides the gates in the few dozen to hundreds that a short
             fine-tuning run has.
         alpha_weight_decay: Weight decay of that AdamW.
-        alpha_second_moment: `"per_gate"` (AdamW's own second moment for every gate, as in the paper and DARTS) or
-            `"shared"` (one second moment, the mean square of the whole alpha gradient: gates move in proportion to
-            their gradients, so a gate whose delta has not trained yet is not closed at full speed by a tiny push;
-            see `peft_s3.alpha_optimizer`).
         bilevel: `"second_order"` (the default: DARTS' unrolled gradient, eqs. 10-13, with a finite-difference
             Hessian-vector product, the paper's Algorithm 1) or `"first_order"` (the alpha gradient at the current
             delta, half the passes). Per optimizer step, first order
@@ -365,7 +358,6 @@ class S3SearchTrainer(Trainer):
         search_split: Optional[float] = None,
         alpha_learning_rate: float = 0.5,
         alpha_weight_decay: float = 0.0,
-        alpha_second_moment: str = "per_gate",
         bilevel: str = "second_order",
         unrolled_learning_rate: Optional[float] = None,
         finite_difference: str = "central",
@@ -378,7 +370,7 @@ class S3SearchTrainer(Trainer):
         stop_when_stable: Optional[int] = None,
         **kwargs: Any,
     ) -> None:
-        _check_search_hyperparameters(alpha_learning_rate, alpha_weight_decay, alpha_second_moment, alpha_warmup_steps)
+        _check_search_hyperparameters(alpha_learning_rate, alpha_weight_decay, alpha_warmup_steps)
         annealing = _annealing(annealing)
         if selection_method not in SELECTION_METHODS:
             raise ValueError(
@@ -456,7 +448,6 @@ class S3SearchTrainer(Trainer):
         """With select_on_validation: per evaluation, the step, the metric and the resolved structure's candidates."""
         self.alpha_learning_rate = alpha_learning_rate
         self.alpha_weight_decay = alpha_weight_decay
-        self.alpha_second_moment = alpha_second_moment
         self.bilevel = bilevel
         self.unrolled_learning_rate = unrolled_learning_rate
         self.finite_difference = finite_difference
@@ -547,12 +538,7 @@ class S3SearchTrainer(Trainer):
         )
         num_alpha_updates = math.ceil(self._num_search_steps / self.alpha_update_interval)
         self.alpha_optimizer, self.alpha_lr_scheduler = _alpha_optimizer(
-            self._alpha,
-            self.args,
-            self.alpha_learning_rate,
-            self.alpha_weight_decay,
-            self.alpha_second_moment,
-            num_alpha_updates,
+            self._alpha, self.args, self.alpha_learning_rate, self.alpha_weight_decay, num_alpha_updates
         )
         self._search_batches = None
         self._search_stream_state = {}
@@ -840,16 +826,14 @@ class S3SearchCallback(TrainerCallback):
         search_dataloader: Iterable,
         alpha_learning_rate: float = 0.5,
         alpha_weight_decay: float = 0.0,
-        alpha_second_moment: str = "per_gate",
         alpha_warmup_steps: int | float = 0,
         annealing: Optional[SearchAnnealing | dict[str, Any]] = DEFAULT_ANNEALING,
     ) -> None:
-        _check_search_hyperparameters(alpha_learning_rate, alpha_weight_decay, alpha_second_moment, alpha_warmup_steps)
+        _check_search_hyperparameters(alpha_learning_rate, alpha_weight_decay, alpha_warmup_steps)
         self.annealing = _annealing(annealing)
         self.search_dataloader = search_dataloader
         self.alpha_learning_rate = alpha_learning_rate
         self.alpha_weight_decay = alpha_weight_decay
-        self.alpha_second_moment = alpha_second_moment
         self.alpha_warmup_steps = alpha_warmup_steps
         self.alpha_optimizer: Optional[torch.optim.Optimizer] = None
         self.alpha_lr_scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
@@ -878,12 +862,7 @@ class S3SearchCallback(TrainerCallback):
         )
         self._final_temperatures = (self._bank.tau, self._bank.beta)
         self.alpha_optimizer, self.alpha_lr_scheduler = _alpha_optimizer(
-            self._alpha,
-            args,
-            self.alpha_learning_rate,
-            self.alpha_weight_decay,
-            self.alpha_second_moment,
-            self._num_search_steps,
+            self._alpha, args, self.alpha_learning_rate, self.alpha_weight_decay, self._num_search_steps
         )
         # A resumed run continues the learning-rate schedule (the AdamW moments are not in the checkpoint).
         for _ in range(max(0, state.global_step - self._num_warmup_steps)):

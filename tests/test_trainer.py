@@ -513,7 +513,6 @@ def test_non_reentrant_activation_checkpointing(tmp_path):
         ({"alpha_learning_rate": 0.0}, "alpha_learning_rate=0.0"),
         ({"alpha_learning_rate": float("nan")}, "alpha_learning_rate=nan"),
         ({"alpha_weight_decay": -1.0}, "alpha_weight_decay=-1.0"),
-        ({"alpha_second_moment": "per_layer"}, "alpha_second_moment=.per_layer. is not allowed"),
         ({"unrolled_learning_rate": -0.1}, "unrolled_learning_rate=-0.1"),
         ({"finite_difference_epsilon": 0.0}, "finite_difference_epsilon=0.0"),
         ({"finite_difference": "backward"}, "finite_difference='backward' is not allowed: choose one of"),
