@@ -59,6 +59,7 @@ from transformers import (
     LlamaForSequenceClassification,
     PreTrainedModel,
     PrinterCallback,
+    Trainer,
     TrainingArguments,
 )
 from transformers.utils import logging as transformers_logging
@@ -559,6 +560,54 @@ def _mse(model: nn.Module, dataset: PlantedData) -> float:
     return (outputs(model, dataset.input_ids) - dataset.labels).pow(2).mean().item()
 
 
+def structure_of(names: Sequence[str]) -> dict[str, dict[str, int]]:
+    """{module: {kind: count}} of candidate names such as `...attention.self.query:lora[0]` or `...:lnfit`."""
+    structure: dict[str, dict[str, int]] = {}
+    for name in names:
+        module, _, kind = name.rpartition(":")
+        counts = structure.setdefault(module, {})
+        kind = kind.split("[")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    return structure
+
+
+def retrained_mse(
+    case: Case,
+    seed: int,
+    structure: dict[str, dict[str, int]],
+    dataset: PlantedData,
+    heldout: PlantedData,
+    steps: int,
+    learning_rate: float,
+    settings: Settings = Settings(),
+) -> float:
+    """Held-out MSE of `structure` trained alone from its identity start (a fixed S3 adapter on the case's base,
+    the plain Trainer, the run's steps and delta learning rate): what the structure can fit, free of the search."""
+    kinds = sorted({kind for counts in structure.values() for kind in counts})
+    config = peft_s3.S3SearchConfig(structure=structure, candidate_kinds=kinds)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 50_000)
+        model = peft.get_peft_model(base_model(case, seed, settings), config)
+    with tempfile.TemporaryDirectory() as output_dir:
+        arguments = TrainingArguments(
+            output_dir=output_dir,
+            max_steps=steps,
+            learning_rate=learning_rate,
+            per_device_train_batch_size=settings.batch_size,
+            seed=seed,
+            use_cpu=True,
+            report_to=[],
+            save_strategy="no",
+            disable_tqdm=True,
+            logging_strategy="no",
+            dataloader_num_workers=0,
+        )
+        trainer = Trainer(model=model, args=arguments, train_dataset=dataset)
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    return _mse(model, heldout)
+
+
 def _ranking(report: list[dict[str, Any]]) -> list[str]:
     # Greedy resolve's order: p descending, then alpha descending, then gate order.
     order = sorted(range(len(report)), key=lambda i: (-report[i]["p"], -report[i]["alpha"], i))
@@ -596,15 +645,20 @@ def run_case(
     planted = list(slots.values())
     resolved = [c.name for c in structure.candidates]
     selected_pairs = {(c.module, c.kind) for c in structure.candidates}
-    planted_structure: dict[str, dict[str, int]] = {}
-    for c in teacher.planted:
-        planted_structure.setdefault(c.module, {})[c.kind] = 1
+    planted_structure = structure_of([c.name for c in teacher.planted])
     others = [name for name in ranking if name not in planted]
     with fixed_gates(student, set(planted)):
         loss_planted = _mse(student, dataset)
     with fixed_gates(student, set(resolved)):
         loss_resolved = _mse(student, dataset)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    steps, learning_rate = variant.steps or settings.steps, variant.learning_rate or settings.learning_rate
+    retrained = None
+    if structure.structure != planted_structure:
+        retrained = {
+            name: retrained_mse(case, seed, candidates, dataset, heldout, steps, learning_rate, settings)
+            for name, candidates in (("planted", planted_structure), ("resolved", structure.structure))
+        }
     return {
         "variant": variant.name,
         "case": case.name,
@@ -627,11 +681,36 @@ def run_case(
         "loss_planted_gates": loss_planted,
         "loss_resolved_gates": loss_resolved,
         "planted_gates_better": loss_planted <= loss_resolved,
+        # Misses only: held-out MSE of the planted and the resolved structure, each trained alone.
+        "retrained_mse": retrained,
         "final_train_loss": logs[-1]["loss"] if logs else None,
         "final_alpha_loss": logs[-1].get("s3/alpha_loss") if logs else None,
         "steps": trainer.state.global_step,
         "seconds": time.perf_counter() - start,
     }
+
+
+def retrain_misses(path: Path) -> dict[str, Any]:
+    """Add `retrained_mse` to the misses in `path` that lack it (runs written before that check existed)."""
+    results = _load(path)
+    settings = Settings(**results["settings"])
+    for run in results["runs"]:
+        if run["recovered"] or run.get("retrained_mse"):
+            continue
+        case, seed, spec = CASES[run["case"]], run["seed"], results["variants"][run["variant"]]
+        planted = _planted_candidates(case, _search_space(case, seed, settings))
+        teacher = build_teacher(case, seed, planted, settings)
+        dataset = teacher_data(teacher, settings.examples, seed, settings)
+        heldout = teacher_data(teacher, settings.heldout_examples, seed + 40_000, settings)
+        steps = spec.get("steps") or settings.steps
+        learning_rate = spec.get("learning_rate") or settings.learning_rate
+        run["retrained_mse"] = {
+            name: retrained_mse(case, seed, structure_of(names), dataset, heldout, steps, learning_rate, settings)
+            for name, names in (("planted", [c.name for c in planted]), ("resolved", run["resolved"]))
+        }
+        _save(path, results)
+        print(f"{run['variant']:>12} {run['case']:<28} seed {seed}: retrained MSE {run['retrained_mse']}", flush=True)
+    return results
 
 
 def check_variant(variant: Variant, settings: Settings = Settings()) -> None:
@@ -780,11 +859,15 @@ def summary_table(runs: Sequence[dict[str, Any]], variants: Sequence[str]) -> st
     cases whose whole planted set was recovered, by the number of planted candidates. `worst rank-n` is the lowest
     planted rank minus the planted count (0: the planted set holds the top p's). `planted gates better` counts runs
     whose student fits the targets at least as well with only the planted gates open as with the resolved ones.
+    `misses: planted retrains better` counts the misses whose planted structure, trained alone, reaches a lower
+    held-out MSE than the resolved one trained alone (a search failure; the other misses found a structure at least
+    as good, so the case does not identify its plants), over the misses with that check.
     """
     kinds = ("lora", "bitfit", "lnfit", "adapter")
     counts = sorted({run["count"] for run in runs})
     header = ["variant", "recovered", *(f"n={c}" for c in counts), *kinds]
-    header += ["mean rank", "worst rank-n", "mean planted p", "planted gates better", "s/run", "s total"]
+    header += ["mean rank", "worst rank-n", "mean planted p", "planted gates better"]
+    header += ["misses: planted retrains better", "s/run", "s total"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name in variants:
         mine = [run for run in runs if run["variant"] == name]
@@ -809,11 +892,16 @@ def summary_table(runs: Sequence[dict[str, Any]], variants: Sequence[str]) -> st
             f"{statistics.mean(excess):.2f}",
             f"{statistics.mean(probabilities):.3f}",
             _rate([r["planted_gates_better"] for r in mine]),
+            _rate([_planted_retrains_better(r) for r in mine if r.get("retrained_mse")]),
             f"{statistics.mean(seconds):.1f}",
             f"{sum(seconds):.0f}",
         ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
+
+
+def _planted_retrains_better(run: dict[str, Any]) -> bool:
+    return run["retrained_mse"]["planted"] < run["retrained_mse"]["resolved"]
 
 
 def _share(runs: Sequence[dict[str, Any]]) -> float:
@@ -862,6 +950,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--resume", action="store_true", help="skip (variant, case, seed) runs already in --output")
     parser.add_argument("--report-only", action="store_true", help="print the tables of --output and exit")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument(
+        "--retrain-misses",
+        action="store_true",
+        help="train the planted and the resolved structure of each miss in --output alone (where not done yet), "
+        "print the tables and exit",
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models gain nothing from more)")
     return parser
 
@@ -884,6 +978,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
     torch.set_num_threads(args.threads)
     transformers_logging.set_verbosity_error()
+    if args.retrain_misses:
+        print(report(retrain_misses(args.output)))
+        return
     try:
         variants = [parse_variant(text) for text in args.variant] or [DEFAULT_VARIANT]
         cases = select_cases(args.cases)

@@ -62,7 +62,28 @@ def test_run_case_recovers_an_easy_case():
     assert run["planted_p"][run["planted"][0]] > 0.5 > run["best_other"]["p"]
     assert run["steps"] == 60
     assert run["loss_search"] < 0.3 * run["loss_start"]
+    assert run["retrained_mse"] is None  # only misses are retrained
     json.dumps(run)  # the suite writes it to JSON as is
+
+
+def test_structure_of_counts_kinds_per_module():
+    names = ["m.q:lora[0]", "m.q:lora[1]", "m.q:bitfit", "m.LayerNorm:lnfit"]
+    assert planted.structure_of(names) == {"m.q": {"lora": 2, "bitfit": 1}, "m.LayerNorm": {"lnfit": 1}}
+
+
+def test_retrained_planted_structure_fits_better_than_a_wrong_one():
+    """The check that tells a search failure (planted retrains better) from a case that does not identify its plant."""
+    case, settings = planted.CASES["bert-lora-q"], planted.Settings(steps=120)
+    teacher, _, dataset = planted.build_case(case, 0, settings=settings)
+    heldout = planted.teacher_data(teacher, settings.heldout_examples, 40_000, settings)
+    planted_structure = planted.structure_of([c.name for c in teacher.planted])
+    wrong = {"bert.encoder.layer.0.attention.output.LayerNorm": {"bitfit": 1, "lnfit": 1}}
+    mse = {
+        name: planted.retrained_mse(case, 0, structure, dataset, heldout, settings.steps, 1e-2, settings)
+        for name, structure in (("planted", planted_structure), ("wrong", wrong))
+    }
+    start = planted._mse(planted.base_model(case, 0, settings), heldout)
+    assert mse["planted"] < 0.2 * start and mse["planted"] < 0.5 * mse["wrong"], (mse, start)
 
 
 @pytest.mark.parametrize(
