@@ -23,6 +23,10 @@ variant `default` ({}) is the library's defaults with the probe's steps and lear
     nice python benchmarks/planted.py --variant so='{"trainer": {"bilevel": "second_order"}}' \\
         --output benchmarks/results/planted/second_order.json --resume
     python benchmarks/planted.py --report-only --output benchmarks/results/planted/second_order.json
+    python benchmarks/planted.py --retrain-misses --output benchmarks/results/planted/second_order.json
+
+A miss is checked by training the planted and the resolved structure alone (`retrained_mse`): when the planted one
+fits the held-out targets better, the search failed; otherwise the case does not identify its plants.
 
 Results (every run, the variants, the settings and each command line) are written to --output after every run, so
 --resume continues a killed suite. See "Planted-structure probes" in benchmarks/README.md.
