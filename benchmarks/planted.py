@@ -641,7 +641,9 @@ def run_case(
         heldout = teacher_data(teacher, settings.heldout_examples, seed + 40_000, settings)
         trainer = _trainer(student, dataset, heldout, variant, seed, settings, output_dir)
         trainer.train()
-    structure = peft_s3.resolve(student, **variant.resolve)
+    # With select_on_validation the search's answer is the best structure it evaluated, not the final gates'.
+    final = peft_s3.resolve(student, **variant.resolve)
+    structure = trainer.best_structure if trainer.select_on_validation else final
     rows = student.base_model.gate_report()
     report = {row["name"]: row for row in rows}
     ranking = _ranking(rows)

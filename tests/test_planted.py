@@ -66,6 +66,27 @@ def test_run_case_recovers_an_easy_case():
     json.dumps(run)  # the suite writes it to JSON as is
 
 
+def test_select_on_validation_answers_with_the_best_evaluated_structure(monkeypatch):
+    chosen = []
+    original = planted.peft_s3.S3SearchTrainer.train
+
+    def train(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        chosen.append([c.name for c in self.best_structure.candidates])
+        # Reverse the final gates' ranking, so that an answer read from them would differ from the validated one.
+        with torch.no_grad():
+            self.model.base_model.s3_alpha["default"].neg_()
+        return output
+
+    monkeypatch.setattr(planted.peft_s3.S3SearchTrainer, "train", train)
+    trainer = {"bilevel": "first_order", "alpha_learning_rate": 1.0, "annealing": None, "select_on_validation": True}
+    spec = {"trainer": trainer, "config": {"tau": 1.0}, "args": {"eval_strategy": "steps", "eval_steps": 20}}
+    run = planted.run_case(planted.CASES["llama-lora-o"], 0, planted.make_variant("val", {**spec, "steps": 60}))
+    assert run["resolved"] == chosen[0] == ["model.layers.1.self_attn.o_proj:lora[0]"]
+    assert run["recovered"], run
+    assert run["planted_rank"][run["planted"][0]] > 1  # the final gates now rank it low
+
+
 def test_structure_of_counts_kinds_per_module():
     names = ["m.q:lora[0]", "m.q:lora[1]", "m.q:bitfit", "m.LayerNorm:lnfit"]
     assert planted.structure_of(names) == {"m.q": {"lora": 2, "bitfit": 1}, "m.LayerNorm": {"lnfit": 1}}
