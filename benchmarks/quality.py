@@ -1033,6 +1033,10 @@ def plot(data: dict[str, Any], path: Path) -> None:
 
 def write_report(output_dir: Path) -> str:
     """quality.md, quality_summary.json and quality.png from quality.json; returns the Markdown."""
+    if not (output_dir / RESULTS_FILE).is_file():
+        raise FileNotFoundError(
+            f"{output_dir / RESULTS_FILE} does not exist: --output-dir must be a directory that quality.py ran into."
+        )
     data = json.loads((output_dir / RESULTS_FILE).read_text())
     if not data["runs"]:
         raise ValueError(f"{output_dir / RESULTS_FILE} has no runs yet; nothing to report.")
@@ -1199,7 +1203,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             f"Grid: {len(specs)} runs, tier 1: {tiers[1]}, tier 2: {tiers[2]}; budgets {args.budget_map}", flush=True
         )
         benchmark.run_all(specs)
-    print(write_report(output_dir))
+    try:
+        print(write_report(output_dir))
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
 
 
 if __name__ == "__main__":

@@ -345,3 +345,8 @@ def test_report_only_reads_results_of_the_previous_version(tmp_path):
     shutil.copy(old, tmp_path)
     quality.main(["--report-only", "--output-dir", str(tmp_path)])
     assert "## Paired differences" in (tmp_path / "quality.md").read_text()
+
+
+def test_report_only_on_a_directory_without_results_fails_clearly(tmp_path):
+    with pytest.raises(SystemExit, match=r"quality\.json does not exist: --output-dir must be a directory"):
+        quality.main(["--report-only", "--output-dir", str(tmp_path)])
