@@ -612,6 +612,24 @@ def retrained_mse(
     return _mse(model, heldout)
 
 
+def _retrained_pair(
+    case: Case,
+    seed: int,
+    planted: dict[str, dict[str, int]],
+    resolved: dict[str, dict[str, int]],
+    dataset: PlantedData,
+    heldout: PlantedData,
+    steps: int,
+    learning_rate: float,
+    settings: Settings,
+) -> dict[str, float]:
+    """`retrained_mse` of a miss's planted and resolved structure, under the same training."""
+    return {
+        name: retrained_mse(case, seed, structure, dataset, heldout, steps, learning_rate, settings)
+        for name, structure in (("planted", planted), ("resolved", resolved))
+    }
+
+
 def _ranking(report: list[dict[str, Any]]) -> list[str]:
     # Greedy resolve's order: p descending, then alpha descending, then gate order.
     order = sorted(range(len(report)), key=lambda i: (-report[i]["p"], -report[i]["alpha"], i))
@@ -642,8 +660,10 @@ def run_case(
         trainer = _trainer(student, dataset, heldout, variant, seed, settings, output_dir)
         trainer.train()
     # With select_on_validation the search's answer is the best structure it evaluated, not the final gates'.
-    final = peft_s3.resolve(student, **variant.resolve)
-    structure = trainer.best_structure if trainer.select_on_validation else final
+    if trainer.select_on_validation:
+        structure = trainer.best_structure
+    else:
+        structure = peft_s3.resolve(student, **variant.resolve)
     rows = student.base_model.gate_report()
     report = {row["name"]: row for row in rows}
     ranking = _ranking(rows)
@@ -658,13 +678,13 @@ def run_case(
     with fixed_gates(student, set(resolved)):
         loss_resolved = _mse(student, dataset)
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
-    steps, learning_rate = variant.steps or settings.steps, variant.learning_rate or settings.learning_rate
     retrained = None
     if structure.structure != planted_structure:
-        retrained = {
-            name: retrained_mse(case, seed, candidates, dataset, heldout, steps, learning_rate, settings)
-            for name, candidates in (("planted", planted_structure), ("resolved", structure.structure))
-        }
+        # The search's own steps and delta learning rate.
+        steps, learning_rate = trainer.args.max_steps, trainer.args.learning_rate
+        retrained = _retrained_pair(
+            case, seed, planted_structure, structure.structure, dataset, heldout, steps, learning_rate, settings
+        )
     return {
         "variant": variant.name,
         "case": case.name,
@@ -710,10 +730,17 @@ def retrain_misses(path: Path) -> dict[str, Any]:
         heldout = teacher_data(teacher, settings.heldout_examples, seed + 40_000, settings)
         steps = spec.get("steps") or settings.steps
         learning_rate = spec.get("learning_rate") or settings.learning_rate
-        run["retrained_mse"] = {
-            name: retrained_mse(case, seed, structure_of(names), dataset, heldout, steps, learning_rate, settings)
-            for name, names in (("planted", [c.name for c in planted]), ("resolved", run["resolved"]))
-        }
+        run["retrained_mse"] = _retrained_pair(
+            case,
+            seed,
+            structure_of([c.name for c in planted]),
+            structure_of(run["resolved"]),
+            dataset,
+            heldout,
+            steps,
+            learning_rate,
+            settings,
+        )
         _save(path, results)
         print(f"{run['variant']:>12} {run['case']:<28} seed {seed}: retrained MSE {run['retrained_mse']}", flush=True)
     return results
