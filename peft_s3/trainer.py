@@ -364,7 +364,6 @@ class S3SearchTrainer(Trainer):
         finite_difference_epsilon: float = 0.01,
         alpha_warmup_steps: int | float = 0,
         alpha_update_interval: int = 1,
-        alpha_gate_scale: float = 1.0,
         annealing: Optional[SearchAnnealing | dict[str, Any]] = DEFAULT_ANNEALING,
         selection_method: str = "exact",
         select_on_validation: bool = False,
@@ -455,7 +454,6 @@ class S3SearchTrainer(Trainer):
         self.finite_difference_epsilon = finite_difference_epsilon
         self.alpha_warmup_steps = alpha_warmup_steps
         self.alpha_update_interval = alpha_update_interval
-        self.alpha_gate_scale = alpha_gate_scale
         if search_dataset is None:
             self.search_dataset, self.train_dataset = self._split(
                 _DEFAULT_SEARCH_SPLIT if search_split is None else search_split
@@ -636,20 +634,6 @@ class S3SearchTrainer(Trainer):
 
         return loss_share
 
-    def _scaled_gates(self, loss_share: Callable[[Any], torch.Tensor]) -> Callable[[Any], torch.Tensor]:
-        """`loss_share` with the gate samples of its forward pass multiplied by alpha_gate_scale."""
-        if self.alpha_gate_scale == 1.0:
-            return loss_share
-
-        def scaled(batch: Any) -> torch.Tensor:
-            self._bank.sample_scale = self.alpha_gate_scale
-            try:
-                return loss_share(batch)
-            finally:
-                self._bank.sample_scale = 1.0
-
-        return scaled
-
     def _unrecorded_pass(self) -> contextlib.AbstractContextManager:
         """Around the search's extra passes (D_alpha, finite differences), for subclasses whose `compute_loss` records
         training metrics; the plain Trainer records none."""
@@ -675,7 +659,7 @@ class S3SearchTrainer(Trainer):
         module.train()
         search_batches = [self._next_search_batch() for _ in delta_batches]
         search_items = self._get_num_items_in_batch(search_batches, self.args.device)
-        search_loss = self._scaled_gates(self._loss_shares(module, search_batches, search_items))
+        search_loss = self._loss_shares(module, search_batches, search_items)
 
         if self.bilevel == "first_order":
             loss = first_order_alpha_gradient(search_loss, self._alpha, self._delta_parameters, search_batches)

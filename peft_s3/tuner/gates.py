@@ -147,8 +147,6 @@ class GateBank:
         self.budget_scale = 1.0
         # Gate values used in eval mode instead of p, e.g. the 0/1 mask of a resolved structure under evaluation.
         self.eval_values: torch.Tensor | None = None
-        # Multiplies the training-mode gate samples; the search lowers it for its D_alpha passes (alpha_gate_scale).
-        self.sample_scale = 1.0
 
     @property
     def alpha(self) -> torch.nn.Parameter:
@@ -182,8 +180,6 @@ class GateBank:
             if self.noise is None or not self.noise_frozen or self.noise.shape != p.shape:
                 self.noise = torch.rand_like(p).clamp(_PROB_EPS, 1 - _PROB_EPS)
             self.values = binary_concrete(p, self.noise, self.beta, self.hard)
-            if self.sample_scale != 1.0:
-                self.values = self.values * self.sample_scale
         # One split for all layers: its backward is a single concatenation, where a slice per layer would cost each
         # layer a zero-filled gradient of the whole gate vector and an addition.
         self.segments = self.values.split(self.segment_sizes)
