@@ -586,7 +586,10 @@ def retrained_mse(
     settings: Settings = Settings(),
 ) -> float:
     """Held-out MSE of `structure` trained alone from its identity start (a fixed S3 adapter on the case's base,
-    the plain Trainer, the run's steps and delta learning rate): what the structure can fit, free of the search."""
+    the plain Trainer, the run's steps and delta learning rate): what the structure can fit, free of the search.
+    An empty structure (a search whose gates all ended closed) has nothing to train: the base's own MSE."""
+    if not structure:
+        return _mse(base_model(case, seed, settings), heldout)
     kinds = sorted({kind for counts in structure.values() for kind in counts})
     config = peft_s3.S3SearchConfig(structure=structure, candidate_kinds=kinds)
     with torch.random.fork_rng(devices=[]):

@@ -41,7 +41,9 @@ def exact_selection(p: Sequence[float], alpha: Sequence[float], sizes: Sequence[
     Sizes and limit are divided by the sizes' greatest common divisor (in a transformer every candidate size is a
     multiple of a hidden size, so the table stays small). Among sets of equal sum of p (float64 sums of the p
     values), earlier candidates of the greedy order are preferred: items enter the table in that order and a later
-    item replaces the current best only when it is strictly better.
+    item replaces the current best only when it is strictly better. Capacity left over after the table is filled in
+    the greedy order: it can only take candidates whose p adds nothing to the sum (p saturated to 0 in float32), which
+    alpha still ranks; without this, a search whose fitting candidates all ended at p = 0 would resolve to nothing.
     """
     step = reduce(math.gcd, sizes)
     capacity = limit // step
@@ -61,6 +63,11 @@ def exact_selection(p: Sequence[float], alpha: Sequence[float], sizes: Sequence[
     for row in range(len(order) - 1, -1, -1):
         if taken[row, remaining]:
             index = order[row]
+            chosen.append(index)
+            remaining -= weights[index]
+    kept = set(chosen)
+    for index in order:
+        if index not in kept and weights[index] <= remaining:
             chosen.append(index)
             remaining -= weights[index]
     return sorted(chosen)

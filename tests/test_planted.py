@@ -106,6 +106,8 @@ def test_retrained_planted_structure_fits_better_than_a_wrong_one():
     start = planted._mse(planted.base_model(case, 0, settings), heldout)
     assert mse["planted"] < 0.2 * start and mse["planted"] < 0.5 * mse["wrong"], (mse, start)
 
+    assert planted.retrained_mse(case, 0, {}, dataset, heldout, settings.steps, 1e-2, settings) == start
+
 
 @pytest.mark.parametrize(
     ("spec", "message"),

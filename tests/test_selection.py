@@ -42,6 +42,13 @@ def test_exact_selection_prefers_the_greedy_order_among_equal_sums() -> None:
     assert exact_selection([0.5] * 4, [0.0, 2.0, 1.0, 3.0], [8] * 4, 16) == [1, 3]
 
 
+def test_exact_selection_fills_the_budget_when_the_fitting_candidates_have_p_zero() -> None:
+    # The mass sits on a candidate too large for the budget; the ones that fit saturated to p = 0, and alpha ranks them.
+    p, alpha, sizes = [0.0, 1.0, 0.0, 0.0], [-9.0, 5.0, -7.0, -8.0], [32, 96, 32, 64]
+    assert exact_selection(p, alpha, sizes, 64) == [0, 2]
+    assert exact_selection(p, alpha, sizes, 64) == greedy_selection(p, alpha, sizes, 64)
+
+
 def test_select_falls_back_to_greedy_with_a_warning_on_huge_tables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("peft_s3.selection.MAX_EXACT_CELLS", 5)
     p, alpha, sizes = [0.9, 0.85, 0.85], [3.0, 2.0, 2.0], [20, 10, 10]
