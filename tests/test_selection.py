@@ -43,7 +43,7 @@ def test_exact_selection_prefers_the_greedy_order_among_equal_sums() -> None:
 
 
 def test_exact_selection_fills_the_budget_when_the_fitting_candidates_have_p_zero() -> None:
-    # The mass sits on a candidate too large for the budget; the ones that fit saturated to p = 0, and alpha ranks them.
+    # The mass sits on a candidate too large for the budget; those that fit saturated to p = 0 and alpha ranks them.
     p, alpha, sizes = [0.0, 1.0, 0.0, 0.0], [-9.0, 5.0, -7.0, -8.0], [32, 96, 32, 64]
     assert exact_selection(p, alpha, sizes, 64) == [0, 2]
     assert exact_selection(p, alpha, sizes, 64) == greedy_selection(p, alpha, sizes, 64)
