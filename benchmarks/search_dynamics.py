@@ -9,7 +9,8 @@ their p), the resolved structure's composition and the search's wall seconds.
         --variant paper='{"alpha_learning_rate": 0.1, "bilevel": "first_order", "annealing": null,
                           "config": {"tau": 1.0}}' --output benchmarks/results/search_dynamics.json
 
-A variant is a JSON object of `S3SearchTrainer` keyword arguments, plus `config` (S3SearchConfig fields). Every run
+A variant is a JSON object of `S3SearchTrainer` keyword arguments, plus `config` (S3SearchConfig fields) and `epochs`
+(the search's length, default 2 as in the main command; `examples/search_and_retrain.py --search-epochs`). Every run
 is appended to --output (with the command line), so --resume skips (variant, seed) runs already there.
 """
 
@@ -42,7 +43,7 @@ def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
 def run_variant(name: str, options: dict[str, Any], seed: int, scratch: Path) -> dict[str, Any]:
     options = dict(options)
     task = load_classification_task("vader_movies", minilm_path(), seed, 1000, 500, 64)
-    recipe = TrainingRecipe(2.0, 16, 5e-3, seed, disable_tqdm=True, logging_steps=16)
+    recipe = TrainingRecipe(options.pop("epochs", 2.0), 16, 5e-3, seed, disable_tqdm=True, logging_steps=16)
     config = peft_s3.S3SearchConfig(budget=2e-4, task_type="SEQ_CLS", **options.pop("config", {}))
     _, structure, stats = search_structure(task, config, recipe, scratch, **options)
     return {

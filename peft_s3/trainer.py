@@ -322,6 +322,9 @@ class S3SearchTrainer(Trainer):
             too.
         stop_when_stable: stop the search once the structure `resolve` would pick has not changed for this many
             optimizer steps after the annealing ended (None: run all steps).
+        close_unfittable: after the annealing, close the gates of candidates that no longer fit beside the decided
+            ones (`GateBank.close_unfittable`), so the expected size moves to candidates `resolve` can take. Off by
+            default: see benchmarks/README.md, "Closing the gates that cannot fit", for what it changed.
 
     Each training log entry carries `s3/...` metrics: the expected size and its target (`s3/target_params`, above the
     budget while a budget schedule runs), zeta, temperatures, gate
@@ -368,6 +371,7 @@ class S3SearchTrainer(Trainer):
         selection_method: str = "exact",
         select_on_validation: bool = False,
         stop_when_stable: Optional[int] = None,
+        close_unfittable: bool = False,
         **kwargs: Any,
     ) -> None:
         _check_search_hyperparameters(alpha_learning_rate, alpha_weight_decay, alpha_warmup_steps)
@@ -442,6 +446,7 @@ class S3SearchTrainer(Trainer):
         self.selection_method = selection_method
         self.select_on_validation = select_on_validation
         self.stop_when_stable = stop_when_stable
+        self.close_unfittable = close_unfittable
         self.best_structure: Optional[SearchedStructure] = None
         """With select_on_validation: the resolved structure of the best evaluation so far."""
         self.structure_evaluations: list[dict[str, Any]] = []
@@ -690,6 +695,9 @@ class S3SearchTrainer(Trainer):
             for parameter, gradient in zip(self._delta_parameters, delta_gradient, strict=True):
                 parameter.grad = gradient
         _apply_alpha_gradient(self.alpha_optimizer, self.alpha_lr_scheduler, loss, self.state.global_step)
+        # Only once the schedules are over: while the budget is annealed, the room beside the decided set is not final.
+        if self.close_unfittable and self._annealing_progress() >= 1.0:
+            self._bank.close_unfittable()
         self._alpha_loss_sum = loss if self._alpha_loss_sum is None else self._alpha_loss_sum + loss
         self._alpha_loss_steps += 1
 

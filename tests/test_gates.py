@@ -8,7 +8,8 @@ import torch
 from conftest import TINY_MODELS, make_batch
 
 import peft_s3
-from peft_s3.tuner.gates import binary_concrete, global_probabilities, solve_zeta
+from peft_s3.selection import decided_mass, exact_selection
+from peft_s3.tuner.gates import GateBank, binary_concrete, global_probabilities, solve_zeta
 
 NUM_SYNTHETIC = 10_000
 BUDGET_FRACTIONS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 0.3, 0.5, 0.9)
@@ -106,6 +107,41 @@ def test_binary_concrete_hard_is_binary_with_relaxed_gradient() -> None:
     (grad_hard,) = torch.autograd.grad(hard.sum(), p)
     (grad_soft,) = torch.autograd.grad(soft.sum(), p)
     torch.testing.assert_close(grad_hard, grad_soft)
+
+
+def _bank(alpha: list[float], sizes: list[int], budget: int) -> GateBank:
+    alphas = torch.nn.ParameterDict({"default": torch.nn.Parameter(torch.tensor(alpha))})
+    return GateBank(alphas, "default", torch.tensor(sizes, dtype=torch.float32), budget, 0.1, 1.0, False, [len(sizes)])
+
+
+def test_close_unfittable_moves_the_expected_size_to_candidates_that_fit() -> None:
+    # Two decided 10s leave room 8; the 40 holds most of the rest, which resolve can never take.
+    sizes, budget = [10, 10, 40, 5, 5, 5, 5], 28
+    bank = _bank([5.0, 5.0, 1.0, 0.5, -0.5, -1.5, -2.5], sizes, budget)
+    before = bank.probabilities().detach()
+    assert before[2] > 0.1
+    assert bank.close_unfittable() == 1
+    after = bank.probabilities().detach()
+    assert after[2] < 1e-4
+    assert float(after @ bank.sizes) == pytest.approx(budget, rel=1e-5)
+    assert after[:2].min() > 0.99 and after[3] > 0.9  # the expected size went to the 5s, the best of them first
+
+    def mass(p: torch.Tensor) -> float:
+        return decided_mass(p.tolist(), sizes, exact_selection(p.tolist(), bank.alpha.tolist(), sizes, budget), budget)
+
+    assert mass(after) > mass(before) + 0.1
+    alpha = bank.alpha.detach().clone()
+    # Now the decided set (10, 10, 5) leaves room 3, and closing the other 5s as well would leave less than the
+    # expected size to hold: the call does nothing.
+    assert bank.close_unfittable() == 0
+    torch.testing.assert_close(bank.alpha.detach(), alpha, atol=0, rtol=0)
+
+
+def test_close_unfittable_waits_while_the_decided_candidates_exceed_the_budget() -> None:
+    bank = _bank([0.0, 0.0, 0.0, -3.0], [10, 10, 10, 30], 20)  # three at p = 2/3 hold 20 of the 30 they need
+    alpha = bank.alpha.detach().clone()
+    assert bank.close_unfittable() == 0
+    torch.testing.assert_close(bank.alpha.detach(), alpha, atol=0, rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------- gates inside a model

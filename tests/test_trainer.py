@@ -435,6 +435,25 @@ def test_alpha_warmup_trains_only_deltas_first(tmp_path, warmup):
     assert trainer.alpha_lr_scheduler.last_epoch == 2
 
 
+@pytest.mark.parametrize("close", [True, False])
+def test_close_unfittable_acts_only_once_the_schedules_are_over(tmp_path, close):
+    model = search_model(init_weights=False)
+    trainer = S3SearchTrainer(
+        model=model, args=arguments(tmp_path, max_steps=8), train_dataset=MarkerTask(64), close_unfittable=close
+    )
+    bank, calls = model.base_model.gate_bank(), []
+    close_unfittable = bank.close_unfittable
+
+    def recorded() -> int:
+        calls.append(trainer.state.global_step)
+        return close_unfittable()
+
+    bank.close_unfittable = recorded
+    trainer.train()
+    # DEFAULT_ANNEALING runs over the first half of the 8 steps.
+    assert calls == ([4, 5, 6, 7] if close else [])
+
+
 @pytest.mark.parametrize("bilevel", ["first_order", "second_order"])
 def test_alpha_updates_every_k_steps_after_warmup(tmp_path, bilevel):
     model = search_model(init_weights=False)

@@ -18,6 +18,8 @@ import torch
 _MAX_SOLVER_STEPS = 100
 # The solver stops when log(expected size / budget) is this close to 0, i.e. at double precision of the root.
 _LOG_TOLERANCE = 1e-12
+# Temperatures below the shift that `GateBank.close_unfittable` puts a closed gate's alpha: p <= sigmoid(-10) = 5e-5.
+_CLOSED_MARGIN = 10.0
 # Keeps the logit of p finite for the binary-concrete sample when the sigmoid saturates in float32.
 _PROB_EPS = 1e-7
 
@@ -187,6 +189,31 @@ class GateBank:
     def segment(self, start: int) -> torch.Tensor:
         """The current gate values of the segment beginning at gate index `start`."""
         return self.segments[self._segment_index[start]]
+
+    @torch.no_grad()
+    def close_unfittable(self, margin: float = _CLOSED_MARGIN) -> int:
+        """Close the gates of candidates that cannot fit beside the decided ones (p >= 0.5); returns how many.
+
+        The shifted sigmoid holds the expected size at the budget, which is rarely a sum of candidate sizes, so once
+        the decided candidates leave less room than a large candidate needs, part of the expected size can still sit
+        on such candidates, where `resolve` can never take it. Their alpha is lowered to `margin` temperatures below
+        the shift solved without them (p <= sigmoid(-margin)), so the expected size moves to candidates that fit.
+        Kept in alpha itself, the result survives saving and reloading; a closed gate reopens when its gradient
+        lifts it again. Nothing is closed while the decided candidates alone exceed the budget.
+        """
+        p = self.probabilities()
+        sizes = self._solver_sizes
+        decided = (p >= 0.5).cpu()
+        room = self.budget - float(sizes[decided].sum())
+        unfittable = ~decided & (sizes > room)
+        if room < 0 or not unfittable.any() or float(sizes[~unfittable].sum()) <= self.expected_size:
+            return 0
+        zeta = solve_zeta(self.alpha, sizes * ~unfittable, self.expected_size, self.tau)
+        ceiling = (zeta - margin * self.tau).to(self.alpha.device, self.alpha.dtype)
+        mask = unfittable.to(self.alpha.device)
+        self.alpha.copy_(torch.where(mask, torch.minimum(self.alpha, ceiling), self.alpha))
+        self.zeta = None
+        return int(unfittable.sum())
 
     def expected_num_params(self) -> torch.Tensor:
         with torch.no_grad():
