@@ -323,8 +323,8 @@ class S3SearchTrainer(Trainer):
         stop_when_stable: stop the search once the structure `resolve` would pick has not changed for this many
             optimizer steps after the annealing ended (None: run all steps).
         close_unfittable: after the annealing, close the gates of candidates that no longer fit beside the decided
-            ones (`GateBank.close_unfittable`), so the expected size moves to candidates `resolve` can take. Off by
-            default: see benchmarks/README.md, "Closing the gates that cannot fit", for what it changed.
+            ones (`GateBank.close_unfittable`), so the expected size moves to candidates `resolve` can take (default;
+            benchmarks/README.md, "Closing the gates that cannot fit", has what it changed).
 
     Each training log entry carries `s3/...` metrics: the expected size and its target (`s3/target_params`, above the
     budget while a budget schedule runs), zeta, temperatures, gate
@@ -371,7 +371,7 @@ class S3SearchTrainer(Trainer):
         selection_method: str = "exact",
         select_on_validation: bool = False,
         stop_when_stable: Optional[int] = None,
-        close_unfittable: bool = False,
+        close_unfittable: bool = True,
         **kwargs: Any,
     ) -> None:
         _check_search_hyperparameters(alpha_learning_rate, alpha_weight_decay, alpha_warmup_steps)
