@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, Subset
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-from transformers.optimization import get_linear_schedule_with_warmup
+from transformers.optimization import get_scheduler
 from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
@@ -54,6 +54,8 @@ from .tuner.model import S3Model
 logger = logging.get_logger(__name__)
 
 BILEVEL_MODES = ("first_order", "second_order")
+# transformers scheduler types that need nothing but a step count.
+ALPHA_LR_SCHEDULER_TYPES = ("linear", "cosine", "constant")
 SEARCH_STATE_NAME = "s3_search_state.pt"
 _DEFAULT_SEARCH_SPLIT = 0.5
 
@@ -78,9 +80,14 @@ def _search_adapter(model: Optional[nn.Module]) -> tuple[S3Model, GateBank, nn.P
 
 
 def _alpha_optimizer(
-    alpha: nn.Parameter, args: TrainingArguments, learning_rate: float, weight_decay: float, num_steps: int
+    alpha: nn.Parameter,
+    args: TrainingArguments,
+    learning_rate: float,
+    weight_decay: float,
+    num_steps: int,
+    scheduler_type: str,
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW on alpha with the run's Adam betas and epsilon, its learning rate decaying linearly to 0."""
+    """AdamW on alpha with the run's Adam betas and epsilon, its learning rate on `scheduler_type` over `num_steps`."""
     optimizer = torch.optim.AdamW(
         [alpha],
         lr=learning_rate,
@@ -88,7 +95,7 @@ def _alpha_optimizer(
         eps=args.adam_epsilon,
         weight_decay=weight_decay,
     )
-    return optimizer, get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=num_steps)
+    return optimizer, get_scheduler(scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=num_steps)
 
 
 class SearchDivergedError(FloatingPointError):
@@ -127,7 +134,10 @@ def _apply_alpha_gradient(
 
 
 def _check_search_hyperparameters(
-    alpha_learning_rate: float, alpha_weight_decay: float, alpha_warmup_steps: int | float
+    alpha_learning_rate: float,
+    alpha_weight_decay: float,
+    alpha_warmup_steps: int | float,
+    alpha_lr_scheduler_type: str,
 ) -> None:
     if not (isinstance(alpha_learning_rate, (int, float)) and 0 < alpha_learning_rate < math.inf):
         raise ValueError(f"alpha_learning_rate={alpha_learning_rate!r} is not allowed: it must be a finite float > 0.")
@@ -139,6 +149,11 @@ def _check_search_hyperparameters(
         raise ValueError(
             f"alpha_warmup_steps={alpha_warmup_steps!r} is not allowed: use an int >= 0 (optimizer steps) or a float "
             "in [0, 1) (a share of the run's optimizer steps)."
+        )
+    if alpha_lr_scheduler_type not in ALPHA_LR_SCHEDULER_TYPES:
+        raise ValueError(
+            f"alpha_lr_scheduler_type={alpha_lr_scheduler_type!r} is not allowed: choose one of "
+            f"{list(ALPHA_LR_SCHEDULER_TYPES)}."
         )
 
 
@@ -286,6 +301,8 @@ class S3SearchTrainer(Trainer):
             is meant for thousands of steps; 0.5 decides the gates in the few dozen to hundreds that a short
             fine-tuning run has.
         alpha_weight_decay: Weight decay of that AdamW.
+        alpha_lr_scheduler_type: The schedule of that learning rate over the search steps: `"linear"` (decays to 0),
+            `"cosine"` or `"constant"` (as `TrainingArguments.lr_scheduler_type`).
         bilevel: `"second_order"` (the default: DARTS' unrolled gradient, eqs. 10-13, with a finite-difference
             Hessian-vector product, the paper's Algorithm 1) or `"first_order"` (the alpha gradient at the current
             delta, half the passes). Per optimizer step, first order
@@ -361,6 +378,7 @@ class S3SearchTrainer(Trainer):
         search_split: Optional[float] = None,
         alpha_learning_rate: float = 0.5,
         alpha_weight_decay: float = 0.0,
+        alpha_lr_scheduler_type: str = "linear",
         bilevel: str = "second_order",
         unrolled_learning_rate: Optional[float] = None,
         finite_difference: str = "central",
@@ -374,7 +392,9 @@ class S3SearchTrainer(Trainer):
         close_unfittable: bool = True,
         **kwargs: Any,
     ) -> None:
-        _check_search_hyperparameters(alpha_learning_rate, alpha_weight_decay, alpha_warmup_steps)
+        _check_search_hyperparameters(
+            alpha_learning_rate, alpha_weight_decay, alpha_warmup_steps, alpha_lr_scheduler_type
+        )
         annealing = _annealing(annealing)
         if selection_method not in SELECTION_METHODS:
             raise ValueError(
@@ -453,6 +473,7 @@ class S3SearchTrainer(Trainer):
         """With select_on_validation: per evaluation, the step, the metric and the resolved structure's candidates."""
         self.alpha_learning_rate = alpha_learning_rate
         self.alpha_weight_decay = alpha_weight_decay
+        self.alpha_lr_scheduler_type = alpha_lr_scheduler_type
         self.bilevel = bilevel
         self.unrolled_learning_rate = unrolled_learning_rate
         self.finite_difference = finite_difference
@@ -543,7 +564,12 @@ class S3SearchTrainer(Trainer):
         )
         num_alpha_updates = math.ceil(self._num_search_steps / self.alpha_update_interval)
         self.alpha_optimizer, self.alpha_lr_scheduler = _alpha_optimizer(
-            self._alpha, self.args, self.alpha_learning_rate, self.alpha_weight_decay, num_alpha_updates
+            self._alpha,
+            self.args,
+            self.alpha_learning_rate,
+            self.alpha_weight_decay,
+            num_alpha_updates,
+            self.alpha_lr_scheduler_type,
         )
         self._search_batches = None
         self._search_stream_state = {}
@@ -814,10 +840,11 @@ class S3SearchCallback(TrainerCallback):
     in `Trainer(callbacks=[...])`, not through `add_callback` afterwards; alpha stays frozen (`requires_grad=False`)
     outside the callback's own alpha steps. The Trainer's `train_dataset` is D_delta; keep it disjoint from D_alpha.
     Batches of `search_dataloader` must carry labels, so that the model returns its loss. `annealing` (default
-    `DEFAULT_ANNEALING`, as in `S3SearchTrainer`) is applied at the start of each step. See the module docstring for
-    how this differs from `S3SearchTrainer`; also, its alpha step averages the micro-batch losses equally, where
-    `S3SearchTrainer` weights them by tokens as the Trainer's delta step does (it matters for causal LMs with
-    gradient accumulation: use `S3SearchTrainer` or `peft_s3.sft.S3SFTTrainer` there).
+    `DEFAULT_ANNEALING`, as in `S3SearchTrainer`) is applied at the start of each step; `alpha_learning_rate`,
+    `alpha_weight_decay`, `alpha_warmup_steps` and `alpha_lr_scheduler_type` mean what they do there. See the module
+    docstring for how this differs from `S3SearchTrainer`; also, its alpha step averages the micro-batch losses
+    equally, where `S3SearchTrainer` weights them by tokens as the Trainer's delta step does (it matters for causal
+    LMs with gradient accumulation: use `S3SearchTrainer` or `peft_s3.sft.S3SFTTrainer` there).
 
     Example:
 
@@ -836,13 +863,17 @@ class S3SearchCallback(TrainerCallback):
         alpha_weight_decay: float = 0.0,
         alpha_warmup_steps: int | float = 0,
         annealing: Optional[SearchAnnealing | dict[str, Any]] = DEFAULT_ANNEALING,
+        alpha_lr_scheduler_type: str = "linear",
     ) -> None:
-        _check_search_hyperparameters(alpha_learning_rate, alpha_weight_decay, alpha_warmup_steps)
+        _check_search_hyperparameters(
+            alpha_learning_rate, alpha_weight_decay, alpha_warmup_steps, alpha_lr_scheduler_type
+        )
         self.annealing = _annealing(annealing)
         self.search_dataloader = search_dataloader
         self.alpha_learning_rate = alpha_learning_rate
         self.alpha_weight_decay = alpha_weight_decay
         self.alpha_warmup_steps = alpha_warmup_steps
+        self.alpha_lr_scheduler_type = alpha_lr_scheduler_type
         self.alpha_optimizer: Optional[torch.optim.Optimizer] = None
         self.alpha_lr_scheduler: Optional[torch.optim.lr_scheduler.LambdaLR] = None
         self._step_noise = contextlib.ExitStack()
@@ -870,7 +901,12 @@ class S3SearchCallback(TrainerCallback):
         )
         self._final_temperatures = (self._bank.tau, self._bank.beta)
         self.alpha_optimizer, self.alpha_lr_scheduler = _alpha_optimizer(
-            self._alpha, args, self.alpha_learning_rate, self.alpha_weight_decay, self._num_search_steps
+            self._alpha,
+            args,
+            self.alpha_learning_rate,
+            self.alpha_weight_decay,
+            self._num_search_steps,
+            self.alpha_lr_scheduler_type,
         )
         # A resumed run continues the learning-rate schedule (the AdamW moments are not in the checkpoint).
         for _ in range(max(0, state.global_step - self._num_warmup_steps)):

@@ -484,6 +484,20 @@ def test_alpha_updates_every_k_steps_after_warmup(tmp_path, bilevel):
     assert all(math.isfinite(entry["loss"]) for entry in logs)
 
 
+@pytest.mark.parametrize(("scheduler_type", "final_lr"), [("linear", 0.0), ("constant", 0.5)])
+def test_alpha_lr_scheduler_type(tmp_path, scheduler_type, final_lr):
+    model = search_model(init_weights=False)
+    trainer = S3SearchTrainer(
+        model=model,
+        args=arguments(tmp_path, max_steps=4),
+        train_dataset=MarkerTask(64),
+        alpha_learning_rate=0.5,
+        alpha_lr_scheduler_type=scheduler_type,
+    )
+    trainer.train()
+    assert trainer.alpha_lr_scheduler.get_last_lr()[0] == final_lr
+
+
 @pytest.mark.parametrize("interval", [0, 1.5, True])
 def test_alpha_update_interval_must_be_a_positive_int(tmp_path, interval):
     options = {"train_dataset": MarkerTask(64), "alpha_update_interval": interval}
@@ -539,6 +553,7 @@ def test_non_reentrant_activation_checkpointing(tmp_path):
         ({"alpha_warmup_steps": 1.5}, "alpha_warmup_steps=1.5"),
         ({"alpha_warmup_steps": 1.0}, r"alpha_warmup_steps=1.0 is not allowed: .* or a float in \[0, 1\)"),
         ({"alpha_warmup_steps": True}, "alpha_warmup_steps=True"),
+        ({"alpha_lr_scheduler_type": "step"}, "alpha_lr_scheduler_type='step' is not allowed: choose one of"),
         ({"search_dataset": MarkerTask(0)}, "search_dataset is empty"),
     ],
 )
@@ -607,6 +622,19 @@ def test_callback_searches_alongside_a_plain_trainer(tmp_path):
     assert seen[-1] == (1.0, model.base_model.peft_config["default"].tau)
     budget = model.base_model.budget()
     assert abs(bank.expected_num_params().item() - budget) <= 0.01 * budget
+
+
+def test_callback_alpha_lr_scheduler_type(tmp_path):
+    loader = torch.utils.data.DataLoader(MarkerTask(32, seed=1), batch_size=8)
+    with pytest.raises(ValueError, match="alpha_lr_scheduler_type='step' is not allowed"):
+        S3SearchCallback(loader, alpha_lr_scheduler_type="step")
+    callback = S3SearchCallback(loader, alpha_learning_rate=0.5, alpha_lr_scheduler_type="constant")
+    model = search_model(init_weights=False)
+    Trainer(
+        model=model, args=arguments(tmp_path, max_steps=3), train_dataset=MarkerTask(32), callbacks=[callback]
+    ).train()
+    assert callback.alpha_lr_scheduler.last_epoch == 3
+    assert callback.alpha_lr_scheduler.get_last_lr()[0] == 0.5
 
 
 def test_callback_added_after_init_is_refused(tmp_path):
