@@ -564,7 +564,8 @@ def paired_observations(
     metric: str,
 ) -> dict[tuple[str, str, float], dict[tuple[str, int], float]]:
     """{(method, reference, budget): {(data set, seed): method's `metric` minus the reference's}} for each method of
-    `runs` with `references`, paired with `reference_runs` of the same data set, budget and seed."""
+    `runs` with `references`, paired with `reference_runs` of the same data set, budget and seed; a reference line
+    without a budget (LoRA r=1 q,v, BitFit, LNFit, full fine-tuning) pairs with every budget."""
     others = {run_key(run): run[metric] for run in reference_runs if run.get(metric) is not None}
     groups: dict[tuple[str, str, float], dict[tuple[str, int], float]] = {}
     for run in runs:
@@ -572,7 +573,7 @@ def paired_observations(
             continue
         method, dataset, budget, seed = run_key(run)
         for reference in references.get(method, ()):
-            other = others.get((reference, dataset, budget, seed))
+            other = others.get((reference, dataset, budget, seed), others.get((reference, dataset, None, seed)))
             if other is not None:
                 groups.setdefault((method, reference, budget), {})[(dataset, seed)] = run[metric] - other
     return groups

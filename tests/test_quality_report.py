@@ -141,6 +141,11 @@ def test_paired_across_pairs_a_variant_output_with_the_reference_grid():
     assert all(r["budget"] == 2e-4 for r in rows)
     mass = paired_across.paired_rows(variant, reference, "s3pet-m", ["s3pet-m"], "decided_mass")
     assert {r["scope"]: r["mean"] for r in mass}["pooled"] == pytest.approx((0.4 + 0.2) / 2)  # plain difference
+    # A reference line has no budget: it pairs with the search at every budget.
+    lines = [_run("lnfit", "a", None, 0, 0.72), _run("lnfit", "a", None, 1, 0.71)]
+    rows = paired_across.paired_rows(variant, lines, "s3pet-m", ["lnfit"], "test_accuracy")
+    assert {(r["budget"], r["scope"]): r["n"] for r in rows} == {(2e-4, "a"): 2, (2e-4, "pooled"): 2}
+    assert {r["scope"]: r["mean"] for r in rows}["a"] == pytest.approx((10.0 - 1.0) / 2)
 
 
 # ----------------------------------------------------------------------------------------------- the data
