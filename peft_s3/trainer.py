@@ -297,12 +297,14 @@ class S3SearchTrainer(Trainer):
         search_split: Fraction of `train_dataset` that becomes D_alpha when `search_dataset` is None (default 0.5,
             as in the paper). The split is a permutation seeded with `args.seed`; the rest, D_delta, becomes
             `self.train_dataset`.
-        alpha_learning_rate: Learning rate of the AdamW that updates alpha (decays linearly to 0). The paper's 0.1
-            is meant for thousands of steps; 0.5 decides the gates in the few dozen to hundreds that a short
-            fine-tuning run has.
+        alpha_learning_rate: Learning rate of the AdamW that updates alpha (see `alpha_lr_scheduler_type`). The
+            paper's 0.1 is meant for thousands of steps; 0.5 decides the gates in the few dozen to hundreds that a
+            short fine-tuning run has.
         alpha_weight_decay: Weight decay of that AdamW.
-        alpha_lr_scheduler_type: The schedule of that learning rate over the search steps: `"linear"` (decays to 0),
-            `"cosine"` or `"constant"` (as `TrainingArguments.lr_scheduler_type`).
+        alpha_lr_scheduler_type: The schedule of that learning rate over the search steps, as
+            `TrainingArguments.lr_scheduler_type`: `"constant"` (the default), `"linear"` (decays to 0) or `"cosine"`.
+            A rate that has decayed to 0 leaves the last few gates undecided when the search ends
+            (benchmarks/README.md, "Holding the alpha learning rate up").
         bilevel: `"second_order"` (the default: DARTS' unrolled gradient, eqs. 10-13, with a finite-difference
             Hessian-vector product, the paper's Algorithm 1) or `"first_order"` (the alpha gradient at the current
             delta, half the passes). Per optimizer step, first order
@@ -378,7 +380,7 @@ class S3SearchTrainer(Trainer):
         search_split: Optional[float] = None,
         alpha_learning_rate: float = 0.5,
         alpha_weight_decay: float = 0.0,
-        alpha_lr_scheduler_type: str = "linear",
+        alpha_lr_scheduler_type: str = "constant",
         bilevel: str = "second_order",
         unrolled_learning_rate: Optional[float] = None,
         finite_difference: str = "central",
@@ -863,7 +865,7 @@ class S3SearchCallback(TrainerCallback):
         alpha_weight_decay: float = 0.0,
         alpha_warmup_steps: int | float = 0,
         annealing: Optional[SearchAnnealing | dict[str, Any]] = DEFAULT_ANNEALING,
-        alpha_lr_scheduler_type: str = "linear",
+        alpha_lr_scheduler_type: str = "constant",
     ) -> None:
         _check_search_hyperparameters(
             alpha_learning_rate, alpha_weight_decay, alpha_warmup_steps, alpha_lr_scheduler_type

@@ -464,6 +464,7 @@ def test_alpha_updates_every_k_steps_after_warmup(tmp_path, bilevel):
         alpha_warmup_steps=1,
         alpha_update_interval=2,
         bilevel=bilevel,
+        alpha_lr_scheduler_type="linear",
     )
     alphas = []
 
