@@ -454,8 +454,11 @@ def test_close_unfittable_acts_only_once_the_schedules_are_over(tmp_path, close)
     assert calls == ([4, 5, 6, 7] if close else [])
 
 
-@pytest.mark.parametrize("bilevel", ["first_order", "second_order"])
-def test_alpha_updates_every_k_steps_after_warmup(tmp_path, bilevel):
+@pytest.mark.parametrize(
+    ("bilevel", "scheduler_type", "final_lr"),
+    [("first_order", "linear", 0.0), ("second_order", "linear", 0.0), ("second_order", "constant", 0.5)],
+)
+def test_alpha_updates_every_k_steps_after_warmup(tmp_path, bilevel, scheduler_type, final_lr):
     model = search_model(init_weights=False)
     trainer = S3SearchTrainer(
         model=model,
@@ -464,7 +467,8 @@ def test_alpha_updates_every_k_steps_after_warmup(tmp_path, bilevel):
         alpha_warmup_steps=1,
         alpha_update_interval=2,
         bilevel=bilevel,
-        alpha_lr_scheduler_type="linear",
+        alpha_learning_rate=0.5,
+        alpha_lr_scheduler_type=scheduler_type,
     )
     alphas = []
 
@@ -478,25 +482,11 @@ def test_alpha_updates_every_k_steps_after_warmup(tmp_path, bilevel):
     moved = [not torch.equal(now, then) for now, then in zip(alphas, [before, *alphas[:-1]], strict=True)]
     # Steps 0..6: warm-up at 0, then alpha at steps 1, 3, 5; the delta-only steps leave it alone.
     assert moved == [False, True, False, True, False, True, False]
-    # Its learning rate decays to 0 over the 3 alpha updates, not over 6 steps.
+    # Its schedule runs over the 3 alpha updates, not over 6 steps: a linear one ends at 0, a constant one at the peak.
     assert trainer.alpha_lr_scheduler.last_epoch == 3
-    assert trainer.alpha_lr_scheduler.get_last_lr()[0] == 0.0
+    assert trainer.alpha_lr_scheduler.get_last_lr()[0] == final_lr
     logs = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert all(math.isfinite(entry["loss"]) for entry in logs)
-
-
-@pytest.mark.parametrize(("scheduler_type", "final_lr"), [("linear", 0.0), ("constant", 0.5)])
-def test_alpha_lr_scheduler_type(tmp_path, scheduler_type, final_lr):
-    model = search_model(init_weights=False)
-    trainer = S3SearchTrainer(
-        model=model,
-        args=arguments(tmp_path, max_steps=4),
-        train_dataset=MarkerTask(64),
-        alpha_learning_rate=0.5,
-        alpha_lr_scheduler_type=scheduler_type,
-    )
-    trainer.train()
-    assert trainer.alpha_lr_scheduler.get_last_lr()[0] == final_lr
 
 
 @pytest.mark.parametrize("interval", [0, 1.5, True])
