@@ -342,7 +342,8 @@ class S3SearchTrainer(Trainer):
         stop_when_stable: stop the search once the structure `resolve` would pick has not changed for this many
             optimizer steps after the annealing ended (None: run all steps).
         close_unfittable: after the annealing, close the gates of candidates that no longer fit beside the decided
-            ones (`GateBank.close_unfittable`), so the expected size moves to candidates `resolve` can take (default;
+            ones, and of decided ones that `resolve` would drop because together they exceed the budget
+            (`GateBank.close_unfittable`), so the expected size moves to candidates `resolve` can take (default;
             benchmarks/README.md, "Closing the gates that cannot fit", has what it changed).
 
     Each training log entry carries `s3/...` metrics: the expected size and its target (`s3/target_params`, above the
@@ -725,7 +726,7 @@ class S3SearchTrainer(Trainer):
         _apply_alpha_gradient(self.alpha_optimizer, self.alpha_lr_scheduler, loss, self.state.global_step)
         # Only once the schedules are over: while the budget is annealed, the room beside the decided set is not final.
         if self.close_unfittable and self._annealing_progress() >= 1.0:
-            self._bank.close_unfittable()
+            self._bank.close_unfittable(method=self.selection_method)
         self._alpha_loss_sum = loss if self._alpha_loss_sum is None else self._alpha_loss_sum + loss
         self._alpha_loss_steps += 1
 

@@ -439,19 +439,23 @@ def test_alpha_warmup_trains_only_deltas_first(tmp_path, warmup):
 def test_close_unfittable_acts_only_once_the_schedules_are_over(tmp_path, close):
     model = search_model(init_weights=False)
     trainer = S3SearchTrainer(
-        model=model, args=arguments(tmp_path, max_steps=8), train_dataset=MarkerTask(64), close_unfittable=close
+        model=model,
+        args=arguments(tmp_path, max_steps=8),
+        train_dataset=MarkerTask(64),
+        close_unfittable=close,
+        selection_method="greedy",
     )
     bank, calls = model.base_model.gate_bank(), []
     close_unfittable = bank.close_unfittable
 
-    def recorded() -> int:
-        calls.append(trainer.state.global_step)
-        return close_unfittable()
+    def recorded(method: str) -> int:
+        calls.append((trainer.state.global_step, method))
+        return close_unfittable(method=method)
 
     bank.close_unfittable = recorded
     trainer.train()
     # DEFAULT_ANNEALING runs over the first half of the 8 steps.
-    assert calls == ([4, 5, 6, 7] if close else [])
+    assert calls == ([(step, "greedy") for step in (4, 5, 6, 7)] if close else [])
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from ..selection import select
+
 # Newton iterations of the shift solver are capped here; from a warm start it needs 1-3, from a cold one rarely 6,
 # and every step outside the bracket bisects it, so this bound is never the one that stops it in practice.
 _MAX_SOLVER_STEPS = 100
@@ -191,7 +193,7 @@ class GateBank:
         return self.segments[self._segment_index[start]]
 
     @torch.no_grad()
-    def close_unfittable(self, margin: float = _CLOSED_MARGIN) -> int:
+    def close_unfittable(self, margin: float = _CLOSED_MARGIN, method: str = "exact") -> int:
         """Close the gates of candidates that cannot fit beside the decided ones (p >= 0.5); returns how many.
 
         The shifted sigmoid holds the expected size at the budget, which is rarely a sum of candidate sizes, so once
@@ -199,14 +201,30 @@ class GateBank:
         on such candidates, where `resolve` can never take it. Their alpha is lowered to `margin` temperatures below
         the shift solved without them (p <= sigmoid(-margin)), so the expected size moves to candidates that fit.
         Kept in alpha itself, the result survives saving and reloading; a closed gate reopens when its gradient
-        lifts it again. Nothing is closed while the decided candidates alone exceed the budget.
+        lifts it again.
+
+        The room is what the decided candidates that `resolve` would keep (`select` by `method` among them) leave.
+        When the decided candidates alone exceed the budget, e.g. three at p 0.97-1 whose sizes add up to a little
+        more than it, the shifted sigmoid can never open them all, so without this the search would end with them
+        all near 1 and `resolve` would drop one and fill its place with candidates of p = 0; those it drops are
+        closed as well.
         """
         p = self.probabilities()
         sizes = self._solver_sizes
-        decided = (p >= 0.5).cpu()
-        room = self.budget - float(sizes[decided].sum())
-        unfittable = ~decided & (sizes > room)
-        if room < 0 or not unfittable.any() or float(sizes[~unfittable].sum()) <= self.expected_size:
+        decided = torch.nonzero(p >= 0.5).flatten().tolist()
+        kept = torch.zeros(len(sizes), dtype=torch.bool)
+        if decided:
+            chosen = select(
+                p[decided].tolist(),
+                self.alpha.detach()[decided].tolist(),
+                [int(size) for size in sizes[decided].tolist()],
+                self.budget,
+                method,
+            )
+            kept[[decided[index] for index in chosen]] = True
+        room = self.budget - float(sizes[kept].sum())
+        unfittable = ~kept & (sizes > room)
+        if not unfittable.any() or float(sizes[~unfittable].sum()) <= self.expected_size:
             return 0
         zeta = solve_zeta(self.alpha, sizes * ~unfittable, self.expected_size, self.tau)
         ceiling = (zeta - margin * self.tau).to(self.alpha.device, self.alpha.dtype)
