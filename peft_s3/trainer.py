@@ -342,9 +342,12 @@ class S3SearchTrainer(Trainer):
         stop_when_stable: stop the search once the structure `resolve` would pick has not changed for this many
             optimizer steps after the annealing ended (None: run all steps).
         close_unfittable: after the annealing, close the gates of candidates that no longer fit beside the decided
-            ones, and of decided ones that `resolve` would drop because together they exceed the budget
-            (`GateBank.close_unfittable`), so the expected size moves to candidates `resolve` can take (default;
+            ones (`GateBank.close_unfittable`), so the expected size moves to candidates `resolve` can take (default;
             benchmarks/README.md, "Closing the gates that cannot fit", has what it changed).
+        close_overflow: with close_unfittable, when the decided candidates together exceed the budget, close those
+            `resolve` would drop too, instead of waiting. Off by default: it ends searches more decided (the main
+            command's on every seed tried), but tied the default on the paired grid's accuracy with means below it
+            (benchmarks/README.md, "When the decided candidates overflow the budget").
 
     Each training log entry carries `s3/...` metrics: the expected size and its target (`s3/target_params`, above the
     budget while a budget schedule runs), zeta, temperatures, gate
@@ -393,6 +396,7 @@ class S3SearchTrainer(Trainer):
         select_on_validation: bool = False,
         stop_when_stable: Optional[int] = None,
         close_unfittable: bool = True,
+        close_overflow: bool = False,
         **kwargs: Any,
     ) -> None:
         _check_search_hyperparameters(
@@ -470,6 +474,7 @@ class S3SearchTrainer(Trainer):
         self.select_on_validation = select_on_validation
         self.stop_when_stable = stop_when_stable
         self.close_unfittable = close_unfittable
+        self.close_overflow = close_overflow
         self.best_structure: Optional[SearchedStructure] = None
         """With select_on_validation: the resolved structure of the best evaluation so far."""
         self.structure_evaluations: list[dict[str, Any]] = []
@@ -726,7 +731,7 @@ class S3SearchTrainer(Trainer):
         _apply_alpha_gradient(self.alpha_optimizer, self.alpha_lr_scheduler, loss, self.state.global_step)
         # Only once the schedules are over: while the budget is annealed, the room beside the decided set is not final.
         if self.close_unfittable and self._annealing_progress() >= 1.0:
-            self._bank.close_unfittable(method=self.selection_method)
+            self._bank.close_unfittable(method=self.selection_method, overflow=self.close_overflow)
         self._alpha_loss_sum = loss if self._alpha_loss_sum is None else self._alpha_loss_sum + loss
         self._alpha_loss_steps += 1
 

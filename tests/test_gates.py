@@ -137,6 +137,13 @@ def test_close_unfittable_moves_the_expected_size_to_candidates_that_fit() -> No
     torch.testing.assert_close(bank.alpha.detach(), alpha, atol=0, rtol=0)
 
 
+def test_close_unfittable_waits_while_the_decided_candidates_overflow_unless_asked() -> None:
+    bank = _bank([5.0, 5.0, 4.9, 1.0, 0.5, 0.0, -0.5, -1.0], [8, 20, 20, 8, 8, 4, 4, 4], 47)
+    alpha = bank.alpha.detach().clone()
+    assert bank.close_unfittable(overflow=False) == 0
+    torch.testing.assert_close(bank.alpha.detach(), alpha, atol=0, rtol=0)
+
+
 def test_close_unfittable_closes_the_decided_candidates_resolve_would_drop() -> None:
     # Three decided candidates of 48 against a budget of 47 (the README main command's search on seed 3 ended so):
     # the shifted sigmoid holds them at p 0.97-0.99 for good, and resolve keeps two and fills the rest with p = 0.

@@ -443,19 +443,20 @@ def test_close_unfittable_acts_only_once_the_schedules_are_over(tmp_path, close)
         args=arguments(tmp_path, max_steps=8),
         train_dataset=MarkerTask(64),
         close_unfittable=close,
+        close_overflow=True,
         selection_method="greedy",
     )
     bank, calls = model.base_model.gate_bank(), []
     close_unfittable = bank.close_unfittable
 
-    def recorded(method: str) -> int:
-        calls.append((trainer.state.global_step, method))
-        return close_unfittable(method=method)
+    def recorded(method: str, overflow: bool) -> int:
+        calls.append((trainer.state.global_step, method, overflow))
+        return close_unfittable(method=method, overflow=overflow)
 
     bank.close_unfittable = recorded
     trainer.train()
     # DEFAULT_ANNEALING runs over the first half of the 8 steps.
-    assert calls == ([(step, "greedy") for step in (4, 5, 6, 7)] if close else [])
+    assert calls == ([(step, "greedy", True) for step in (4, 5, 6, 7)] if close else [])
 
 
 @pytest.mark.parametrize(

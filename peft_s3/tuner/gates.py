@@ -193,7 +193,7 @@ class GateBank:
         return self.segments[self._segment_index[start]]
 
     @torch.no_grad()
-    def close_unfittable(self, margin: float = _CLOSED_MARGIN, method: str = "exact") -> int:
+    def close_unfittable(self, margin: float = _CLOSED_MARGIN, method: str = "exact", overflow: bool = True) -> int:
         """Close the gates of candidates that cannot fit beside the decided ones (p >= 0.5); returns how many.
 
         The shifted sigmoid holds the expected size at the budget, which is rarely a sum of candidate sizes, so once
@@ -203,17 +203,17 @@ class GateBank:
         Kept in alpha itself, the result survives saving and reloading; a closed gate reopens when its gradient
         lifts it again.
 
-        The room is what the decided candidates that `resolve` would keep (`select` by `method` among them) leave.
-        When the decided candidates alone exceed the budget, e.g. three at p 0.97-1 whose sizes add up to a little
-        more than it, the shifted sigmoid can never open them all, so without this the search would end with them
-        all near 1 and `resolve` would drop one and fill its place with candidates of p = 0; those it drops are
-        closed as well.
+        When the decided candidates alone exceed the budget (e.g. three at p 0.97-1 whose sizes add up to a little
+        more than it), the shifted sigmoid can never open them all, and `resolve` will drop some and fill their
+        place with candidates of p = 0. With `overflow`, the room is what the decided candidates that `resolve`
+        would keep (`select` by `method` among them) leave, so those it would drop are closed as well; without it,
+        nothing is closed while the decided candidates overflow.
         """
         p = self.probabilities()
         sizes = self._solver_sizes
-        decided = torch.nonzero(p >= 0.5).flatten().tolist()
-        kept = torch.zeros(len(sizes), dtype=torch.bool)
-        if decided:
+        kept = (p >= 0.5).cpu()
+        if overflow and float(sizes[kept].sum()) > self.budget:
+            decided = torch.nonzero(kept).flatten().tolist()
             chosen = select(
                 p[decided].tolist(),
                 self.alpha.detach()[decided].tolist(),
@@ -221,10 +221,11 @@ class GateBank:
                 self.budget,
                 method,
             )
+            kept = torch.zeros_like(kept)
             kept[[decided[index] for index in chosen]] = True
         room = self.budget - float(sizes[kept].sum())
         unfittable = ~kept & (sizes > room)
-        if not unfittable.any() or float(sizes[~unfittable].sum()) <= self.expected_size:
+        if room < 0 or not unfittable.any() or float(sizes[~unfittable].sum()) <= self.expected_size:
             return 0
         zeta = solve_zeta(self.alpha, sizes * ~unfittable, self.expected_size, self.tau)
         ceiling = (zeta - margin * self.tau).to(self.alpha.device, self.alpha.dtype)
