@@ -137,18 +137,22 @@ def test_close_unfittable_moves_the_expected_size_to_candidates_that_fit() -> No
     torch.testing.assert_close(bank.alpha.detach(), alpha, atol=0, rtol=0)
 
 
+# Three decided candidates of 48 against a budget of 47 (the README main command's search on seed 3 ended so): the
+# shifted sigmoid holds them at p 0.97-0.99 for good, and resolve keeps two and fills the rest with p = 0.
+OVERFLOW_ALPHA = [5.0, 5.0, 4.9, 1.0, 0.5, 0.0, -0.5, -1.0]
+OVERFLOW_SIZES, OVERFLOW_BUDGET = [8, 20, 20, 8, 8, 4, 4, 4], 47
+
+
 def test_close_unfittable_waits_while_the_decided_candidates_overflow_unless_asked() -> None:
-    bank = _bank([5.0, 5.0, 4.9, 1.0, 0.5, 0.0, -0.5, -1.0], [8, 20, 20, 8, 8, 4, 4, 4], 47)
+    bank = _bank(OVERFLOW_ALPHA, OVERFLOW_SIZES, OVERFLOW_BUDGET)
     alpha = bank.alpha.detach().clone()
-    assert bank.close_unfittable(overflow=False) == 0
+    assert bank.close_unfittable() == 0
     torch.testing.assert_close(bank.alpha.detach(), alpha, atol=0, rtol=0)
 
 
 def test_close_unfittable_closes_the_decided_candidates_resolve_would_drop() -> None:
-    # Three decided candidates of 48 against a budget of 47 (the README main command's search on seed 3 ended so):
-    # the shifted sigmoid holds them at p 0.97-0.99 for good, and resolve keeps two and fills the rest with p = 0.
-    sizes, budget = [8, 20, 20, 8, 8, 4, 4, 4], 47
-    bank = _bank([5.0, 5.0, 4.9, 1.0, 0.5, 0.0, -0.5, -1.0], sizes, budget)
+    sizes, budget = OVERFLOW_SIZES, OVERFLOW_BUDGET
+    bank = _bank(OVERFLOW_ALPHA, sizes, budget)
     before = bank.probabilities().detach()
     assert before[:3].min() > 0.95 and before[3:].max() < 1e-6
 
@@ -156,13 +160,13 @@ def test_close_unfittable_closes_the_decided_candidates_resolve_would_drop() -> 
         return decided_mass(p.tolist(), sizes, exact_selection(p.tolist(), bank.alpha.tolist(), sizes, budget), budget)
 
     assert mass(before) < 0.6
-    assert bank.close_unfittable() == 1
+    assert bank.close_unfittable(overflow=True) == 1
     after = bank.probabilities().detach()
     assert after[2] < 1e-4  # of the three, the one of least p: the one resolve drops
     assert after[:2].min() > 0.99 and after[3] > 0.99  # its expected size went to the candidates that fit
     assert float(after @ bank.sizes) == pytest.approx(budget, rel=1e-5)
     assert mass(after) > 0.9
-    assert bank.close_unfittable() == 0
+    assert bank.close_unfittable(overflow=True) == 0
 
 
 # ---------------------------------------------------------------------------------------------- gates inside a model

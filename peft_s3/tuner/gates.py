@@ -193,7 +193,7 @@ class GateBank:
         return self.segments[self._segment_index[start]]
 
     @torch.no_grad()
-    def close_unfittable(self, margin: float = _CLOSED_MARGIN, method: str = "exact", overflow: bool = True) -> int:
+    def close_unfittable(self, margin: float = _CLOSED_MARGIN, method: str = "exact", overflow: bool = False) -> int:
         """Close the gates of candidates that cannot fit beside the decided ones (p >= 0.5); returns how many.
 
         The shifted sigmoid holds the expected size at the budget, which is rarely a sum of candidate sizes, so once
