@@ -82,7 +82,7 @@ DELTA_TENSORS = {"lora": "s3_lora_B", "bitfit": "s3_bias", "lnfit": "s3_scale", 
 _RESCALE_ROUNDS = 4
 _EFFECT_TOLERANCE = 0.1
 _TEACHER_DRAWS = 5
-VARIANT_KEYS = ("trainer", "config", "resolve", "args", "steps", "learning_rate")
+VARIANT_KEYS = ("trainer", "config", "resolve", "args", "steps", "learning_rate", "adapter_features_given")
 # Set by the probe itself; a variant that tried to change them would break the probe, not test a setting.
 _RESERVED = {
     "trainer": {"model", "args", "train_dataset", "eval_dataset", "search_dataset"},
@@ -209,9 +209,16 @@ class Variant:
     args: dict[str, Any] = field(default_factory=dict)
     steps: Optional[int] = None
     learning_rate: Optional[float] = None
+    # A diagnostic, not a search setting: the student's planted adapters start with the teacher's down-projection,
+    # so their feature is given and only its weight (the up-projection) has to be found.
+    adapter_features_given: bool = False
 
     def spec(self) -> dict[str, Any]:
-        return {key: value for key, value in dataclasses.asdict(self).items() if key != "name"}
+        spec = {key: value for key, value in dataclasses.asdict(self).items() if key != "name"}
+        # Left out when off, so the specs recorded before the key existed still match on --resume.
+        if not self.adapter_features_given:
+            del spec["adapter_features_given"]
+        return spec
 
 
 def _keyword_names(function: Any) -> set[str]:
@@ -255,6 +262,9 @@ def make_variant(name: str, spec: dict[str, Any]) -> Variant:
         raise ValueError(f"Variant {name!r}: steps={steps!r} must be an int >= 1.")
     if learning_rate is not None and not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
         raise ValueError(f"Variant {name!r}: learning_rate={learning_rate!r} must be a number > 0.")
+    features_given = spec.get("adapter_features_given", False)
+    if not isinstance(features_given, bool):
+        raise ValueError(f"Variant {name!r}: adapter_features_given={features_given!r} must be true or false.")
     return Variant(name, **{key: spec[key] for key in VARIANT_KEYS if key in spec})
 
 
@@ -355,9 +365,10 @@ def _student_budget(case: Case, planted: Sequence[Candidate], space: Sequence[Ca
     return sum(sizes[(c.module, c.kind)] for c in planted)
 
 
-def _delta(model: peft.PeftModel, candidate: Candidate) -> nn.Parameter:
+def _delta(model: peft.PeftModel, candidate: Candidate, tensor: Optional[str] = None) -> nn.Parameter:
+    """The candidate's delta tensor (`DELTA_TENSORS`), or its layer's `tensor` such as `s3_adapter_down`."""
     layer = model.base_model.model.get_submodule(candidate.module)
-    return getattr(layer, DELTA_TENSORS[candidate.kind])["default"]
+    return getattr(layer, tensor or DELTA_TENSORS[candidate.kind])["default"]
 
 
 def random_inputs(count: int, seed: int, settings: Settings = Settings()) -> torch.Tensor:
@@ -501,7 +512,25 @@ def build_case(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 30_000)
         student = peft.get_peft_model(base_model(case, seed, settings), _student_config(budget, variant))
+    if variant.adapter_features_given:
+        _give_adapter_features(case, teacher, student, planted)
     return teacher, student, dataset
+
+
+@torch.no_grad()
+def _give_adapter_features(
+    case: Case, teacher: peft.PeftModel, student: peft.PeftModel, planted: Sequence[Candidate]
+) -> None:
+    for candidate in planted:
+        if candidate.kind != "adapter":
+            continue
+        given, own = _delta(teacher, candidate, "s3_adapter_down"), _delta(student, candidate, "s3_adapter_down")
+        if given.shape != own.shape:
+            raise ValueError(
+                f"Case {case.name!r}: adapter_features_given needs the teacher's adapter shape {tuple(given.shape)} "
+                f"in the student, which has {tuple(own.shape)}; leave adapter_rank alone."
+            )
+        own.copy_(given)
 
 
 # ---------------------------------------------------------------------------------------------------- one run
@@ -544,20 +573,25 @@ def _trainer(
 
 
 @contextlib.contextmanager
-def fixed_gates(student: peft.PeftModel, names: set[str]) -> Iterator[None]:
-    """Within the block, the gates of the candidates in `names` are 1 and all others 0, whatever alpha says."""
+def gate_values(student: peft.PeftModel, values: torch.Tensor) -> Iterator[None]:
+    """Within the block, the gates are `values` (one per candidate, in gate order), whatever alpha says."""
     bank = student.base_model.gate_bank()
-    mask = torch.tensor([float(c.name in names) for c in student.base_model.candidates()])
 
     def refresh(training: bool) -> None:
-        bank.values = mask
-        bank.segments = mask.split(bank.segment_sizes)
+        bank.values = values
+        bank.segments = values.split(bank.segment_sizes)
 
     bank.refresh = refresh
     try:
         yield
     finally:
         del bank.refresh
+
+
+def fixed_gates(student: peft.PeftModel, names: set[str]) -> contextlib.AbstractContextManager[None]:
+    """Within the block, the gates of the candidates in `names` are 1 and all others 0, whatever alpha says."""
+    mask = torch.tensor([float(c.name in names) for c in student.base_model.candidates()])
+    return gate_values(student, mask)
 
 
 def _mse(model: nn.Module, dataset: PlantedData) -> float:
@@ -892,7 +926,8 @@ def summary_table(runs: Sequence[dict[str, Any]], variants: Sequence[str]) -> st
     """Per variant: set recovery overall and by planted count, candidate recall by kind, ranks, p and time.
 
     `lora` ... `adapter` count planted candidates of that kind that were selected (over all cases); `n=1` ... count
-    cases whose whole planted set was recovered, by the number of planted candidates. `worst rank-n` is the lowest
+    cases whose whole planted set was recovered, by the number of planted candidates, and so does `cases without /
+    with an adapter` (adapters are the kind a search recovers least). `worst rank-n` is the lowest
     planted rank minus the planted count (0: the planted set holds the top p's). `planted gates better` counts runs
     whose student fits the targets at least as well with only the planted gates open as with the resolved ones.
     `misses: planted retrains better` counts the misses whose planted structure, trained alone, reaches a lower
@@ -901,7 +936,7 @@ def summary_table(runs: Sequence[dict[str, Any]], variants: Sequence[str]) -> st
     """
     kinds = ("lora", "bitfit", "lnfit", "adapter")
     counts = sorted({run["count"] for run in runs})
-    header = ["variant", "recovered", *(f"n={c}" for c in counts), *kinds]
+    header = ["variant", "recovered", *(f"n={c}" for c in counts), "cases without / with an adapter", *kinds]
     header += ["mean rank", "worst rank-n", "mean planted p", "planted gates better"]
     header += ["misses: planted retrains better", "s/run", "s total"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -911,6 +946,8 @@ def summary_table(runs: Sequence[dict[str, Any]], variants: Sequence[str]) -> st
             continue
         row = [name, f"{_rate([r['recovered'] for r in mine])} ({_share(mine):.0%})"]
         row += [_rate([r["recovered"] for r in mine if r["count"] == c]) for c in counts]
+        with_adapter = [r["recovered"] for r in mine if "adapter" in r["kinds"]]
+        row.append(f"{_rate([r['recovered'] for r in mine if 'adapter' not in r['kinds']])} / {_rate(with_adapter)}")
         for kind in kinds:
             selected = [
                 selected

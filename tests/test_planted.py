@@ -119,6 +119,7 @@ def test_retrained_planted_structure_fits_better_than_a_wrong_one():
         ({"args": {"max_steps": 3}}, "max_steps"),
         ({"trianer": {}}, "unknown keys"),
         ({"steps": 0}, "steps"),
+        ({"adapter_features_given": "yes"}, "adapter_features_given='yes' must be true or false"),
     ],
 )
 def test_bad_variant_names_fail_clearly(spec, message):
@@ -150,3 +151,23 @@ def test_resume_refuses_a_changed_variant_spec(tmp_path):
     output.write_text(json.dumps(stale))
     with pytest.raises(ValueError, match="other library defaults"):
         planted._start_results(output, True, [first], planted.Settings())
+
+
+def test_adapter_features_given_starts_the_students_planted_adapter_at_the_teachers_feature():
+    case = planted.CASES["bert-lnfit+adapter"]
+    given = planted.make_variant("given", {"adapter_features_given": True})
+    teacher, student, _ = planted.build_case(case, 0, given)
+    _, own, _ = planted.build_case(case, 0)
+    adapter = next(c for c in teacher.planted if c.kind == "adapter")
+    teacher_down = planted._delta(teacher, adapter, "s3_adapter_down")
+    assert torch.equal(planted._delta(student, adapter, "s3_adapter_down"), teacher_down)
+    assert not torch.equal(planted._delta(own, adapter, "s3_adapter_down"), teacher_down)
+    # Only the feature is given: the student's up-projection (the adapter's delta) still starts at zero.
+    assert not planted._delta(student, adapter).any()
+    # The other candidates' parameters are those of the student without the diagnostic.
+    own_state, given_state = own.state_dict(), student.state_dict()
+    changed = [name for name in own_state if not torch.equal(own_state[name], given_state[name])]
+    assert changed == [name for name in own_state if adapter.module in name and "s3_adapter_down" in name]
+    # Off, the key stays out of the spec, so result files written before it existed still resume.
+    assert "adapter_features_given" not in planted.make_variant("off", {}).spec()
+    assert given.spec()["adapter_features_given"] is True
