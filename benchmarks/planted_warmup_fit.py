@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+import peft
 import planted
 import torch
 from transformers import TrainerCallback
@@ -50,7 +51,7 @@ class _StopAtStep(TrainerCallback):
 
 def warmed_up_student(
     case: planted.Case, seed: int, warmup_steps: int, settings: planted.Settings
-) -> tuple[Any, Any, Any, torch.Tensor]:
+) -> tuple[peft.PeftModel, peft.PeftModel, planted.PlantedData, torch.Tensor]:
     """(teacher, student, dataset, warm-up gate values) after `warmup_steps` of the probe's search (alpha frozen)."""
     variant = planted.make_variant(
         "warmup", {"steps": warmup_steps + 1, "trainer": {"alpha_warmup_steps": warmup_steps}}
@@ -73,7 +74,9 @@ def warmed_up_student(
     return teacher, student, dataset, bank.probabilities().detach()
 
 
-def fit_scores(student: Any, dataset: Any, warmup_p: torch.Tensor) -> tuple[list[float], list[float], float]:
+def fit_scores(
+    student: peft.PeftModel, dataset: planted.PlantedData, warmup_p: torch.Tensor
+) -> tuple[list[float], list[float], float]:
     """Per candidate (gate order): MSE rise without it (leave-one-out), its best solo MSE; and the MSE at warmup_p."""
     with planted.gate_values(student, warmup_p):
         joint = planted._mse(student, dataset)
