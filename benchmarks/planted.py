@@ -934,7 +934,7 @@ def summary_table(runs: Sequence[dict[str, Any]], variants: Sequence[str]) -> st
     held-out MSE than the resolved one trained alone (a search failure; the other misses found a structure at least
     as good, so the case does not identify its plants), over the misses with that check.
     """
-    kinds = ("lora", "bitfit", "lnfit", "adapter")
+    kinds = peft_s3.CANDIDATE_KINDS
     counts = sorted({run["count"] for run in runs})
     header = ["variant", "recovered", *(f"n={c}" for c in counts), "cases without / with an adapter", *kinds]
     header += ["mean rank", "worst rank-n", "mean planted p", "planted gates better"]
@@ -946,8 +946,9 @@ def summary_table(runs: Sequence[dict[str, Any]], variants: Sequence[str]) -> st
             continue
         row = [name, f"{_rate([r['recovered'] for r in mine])} ({_share(mine):.0%})"]
         row += [_rate([r["recovered"] for r in mine if r["count"] == c]) for c in counts]
+        without_adapter = [r["recovered"] for r in mine if "adapter" not in r["kinds"]]
         with_adapter = [r["recovered"] for r in mine if "adapter" in r["kinds"]]
-        row.append(f"{_rate([r['recovered'] for r in mine if 'adapter' not in r['kinds']])} / {_rate(with_adapter)}")
+        row.append(f"{_rate(without_adapter)} / {_rate(with_adapter)}")
         for kind in kinds:
             selected = [
                 selected

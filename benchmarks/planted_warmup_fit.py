@@ -35,8 +35,9 @@ import torch
 from transformers import TrainerCallback
 from transformers.utils import logging as transformers_logging
 
+import peft_s3
+
 SOLO_GATES = (0.1, 0.3, 1.0, 3.0, 10.0)
-KINDS = ("lora", "bitfit", "lnfit", "adapter")
 
 
 class _StopAtStep(TrainerCallback):
@@ -97,10 +98,10 @@ def fit_scores(
 
 
 def _rank(values: Sequence[float], index: int, descending: bool) -> int:
-    """1-based rank of values[index]; ties count against it (every equal value ranks ahead)."""
+    """1-based rank of values[index]: how many values are at least as good, itself included (ties count against
+    it)."""
     value = values[index]
-    ahead = sum(v >= value if descending else v <= value for v in values) - 1
-    return ahead + 1
+    return sum(v >= value if descending else v <= value for v in values)
 
 
 def run_case(case: planted.Case, seed: int, warmup_steps: int, settings: planted.Settings) -> dict[str, Any]:
@@ -153,7 +154,7 @@ def report(runs: Sequence[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|",
     ]
     records = _planted_records(runs)
-    for kind in KINDS:
+    for kind in peft_s3.CANDIDATE_KINDS:
         mine = [record for record in records if record[0] == kind]
         if not mine:
             continue
