@@ -183,8 +183,9 @@ def _default_adapter_positions(model: nn.Module, blocks: dict[str, tuple[str, in
 
     Within a block, every linear layer under the outermost module whose class is named like an attention or a mixer
     belongs to that token mixer; the last one registered is its output projection. The last linear layer outside any
-    token mixer is the feed-forward output (BERT `output.dense`, T5 `wo`, GPT-2 `mlp.c_proj`, Llama `down_proj`). Mixture-of-experts
-    feed-forward blocks have no such layer (their output sums routed experts) and get no default adapter.
+    token mixer is the feed-forward output (BERT `output.dense`, T5 `wo`, GPT-2 `mlp.c_proj`, Llama `down_proj`).
+    Mixture-of-experts feed-forward blocks have no such layer (their output sums routed experts) and get no default
+    adapter.
     """
     modules = dict(named_base_modules(model))
     moe = tuple(f"{path}." for path, module in modules.items() if _holds_experts(module))
@@ -285,9 +286,9 @@ def _warn_left_out(config: S3SearchConfig, routing: list[str], moe_blocks: list[
     parts = []
     if routing:
         parts.append(
-            f"no candidates on {len(routing)} routing or width-1 gating linears (MoE routers and shared-expert gates), "
-            f"e.g. {routing[:4]}: they steer the routing, and a LoRA slice there is no parameter-efficient module "
-            "(name them in target_modules to search them anyway)"
+            f"no candidates on {len(routing)} routing or width-1 gating linears (MoE routers and shared-expert "
+            f"gates), e.g. {routing[:4]}: they steer the routing, and a LoRA slice there is no parameter-efficient "
+            "module (name them in target_modules to search them anyway)"
         )
     if moe_blocks and "adapter" in config.candidate_kinds and config.adapter_modules is None:
         parts.append(
