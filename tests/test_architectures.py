@@ -333,8 +333,13 @@ def test_mamba_kernel_modules_follow_peft(arch: str) -> None:
         peft.get_peft_model(fresh(arch), peft.LoraConfig(target_modules=["in_proj", "out_proj"]))
     model = search(arch, candidate_kinds=["lora", "bitfit", "adapter"])
     assert not any(module_of(c.module) in ("out_proj", "conv1d") for c in model.base_model.candidates())
-    with pytest.raises(ValueError, match=r"target_modules names .*out_proj.*CUDA kernels read their weights"):
+    with pytest.raises(
+        ValueError,
+        match=r"out_proj'\] cannot be adapted .*CUDA kernels read the weights .* Leave them out of target_modules",
+    ):
         search(arch, target_modules=["in_proj", "out_proj"])
+    with pytest.raises(ValueError, match=r"cannot be adapted .*\(or of the structure\)"):
+        peft.get_peft_model(fresh(arch), S3SearchConfig(structure={"backbone.layers.0.mixer.out_proj": {"lora": 1}}))
 
     with torch.no_grad():
         model.base_model.s3_alpha["default"] += 5.0  # with a budget of the whole space, the structure is all of it

@@ -264,7 +264,7 @@ def build_search_space(model: nn.Module, config: S3SearchConfig, check_patterns:
         block = _enclosing_block(path, blocks)
         stack, layer = blocks[block] if block is not None else (None, None)
         position = path[len(block) + 1 :] if block is not None else path
-        if path in routing and not matches(config.target_modules, path):
+        if path in routing and not (matches(config.target_modules, path) or matches(config.adapter_modules, path)):
             left_out.append(path)
             continue
         in_blocks = block is not None
@@ -378,9 +378,9 @@ def _kernel_read_modules(model: nn.Module, config: S3SearchConfig) -> set[str]:
         named = [path for path in sorted(found) if matches(getattr(config, field_name), path)]
         if named:
             raise ValueError(
-                f"{field_name} names {named[:4]}, but {sorted(_MAMBA_KERNEL_MODULES)} of a {model_type!r} model "
-                "cannot be adapted: its CUDA kernels read their weights directly, bypassing any adapter layer, and "
-                "peft refuses LoRA there for that reason. Leave them out (e.g. target in_proj only)."
+                f"{named[:4]} cannot be adapted on a {model_type!r} model: its CUDA kernels read the weights of "
+                f"{sorted(_MAMBA_KERNEL_MODULES)} directly, bypassing any adapter layer, and peft refuses LoRA there "
+                f"for that reason. Leave them out of {field_name} (or of the structure); in_proj can be adapted."
             )
     return found
 
