@@ -232,12 +232,26 @@ class S3Linear(nn.Module, S3Layer):
 
 
 class S3Norm(nn.Module, S3Layer):
-    """A LayerNorm/RMSNorm-like module with a gated LNFit scale delta and a gated BitFit bias delta."""
+    """A LayerNorm/RMSNorm-like module with a gated LNFit scale delta and a gated BitFit bias delta.
+
+    Attributes it does not have are read from the wrapped norm: state-space mixers read `self.norm.variance_epsilon`
+    and hand it to their kernels.
+    """
 
     def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
         super().__init__()
         S3Layer.__init__(self, base_layer)
         self.update_layer(**kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Before __init__ has registered base_layer, looking it up here would recurse.
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if base is None or name == "base_layer":
+                raise
+            return getattr(base, name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not self._run_unmerged():
@@ -250,8 +264,12 @@ class S3Norm(nn.Module, S3Layer):
                 gate = self._gate(name, "lnfit")
                 weight = weight + (scale if gate is None else scale * gate).to(weight.dtype)
         # Running the norm's own forward with a shifted scale works for every norm flavour (LayerNorm, RMSNorm,
-        # T5LayerNorm, Gemma's 1 + weight) without re-implementing their normalisation.
-        result = base(x, *args, **kwargs) if weight is base.weight else functional_call(base, {"weight": weight}, x)
+        # T5LayerNorm, Gemma's 1 + weight) without re-implementing their normalisation; the other arguments (the
+        # gate of Mamba2's gated RMSNorm) go along.
+        if weight is base.weight:
+            result = base(x, *args, **kwargs)
+        else:
+            result = functional_call(base, {"weight": weight}, (x, *args), kwargs)
         return self._add_output_deltas(result, None)
 
     def _merged_parameter_deltas(self, name: str) -> dict[str, torch.Tensor]:

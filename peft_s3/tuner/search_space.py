@@ -10,12 +10,19 @@ from dataclasses import dataclass
 
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
 from transformers.pytorch_utils import Conv1D
 
 from .config import S3SearchConfig
 
-_ATTENTION_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
+# Token mixers: attentions, and the state-space mixers that stand in for them (Mamba's MambaMixer, Granite-MoE-Hybrid's
+# GraniteMoeHybridMambaLayer).
+_TOKEN_MIXER_CLASS = re.compile(r"attention|attn|mixer|mamba", re.IGNORECASE)
 _ROUTER_NAMES = ("gate", "router")
+# peft refuses LoRA on these modules of these model types (peft.tuners.tuners_utils._check_lora_target_modules_mamba):
+# their CUDA kernels take the modules' weights directly instead of calling them, so a wrapper acts on CPU only.
+_MAMBA_MODEL_TYPES = frozenset({"falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"})
+_MAMBA_KERNEL_MODULES = frozenset({"out_proj", "conv1d"})
 
 
 @dataclass(frozen=True)
@@ -64,10 +71,18 @@ def is_norm(module: nn.Module) -> bool:
 
 def fused_expert_parameters(module: nn.Module) -> list[str]:
     """Names of a module's own parameters that stack one weight matrix per expert (transformers' fused MoE experts,
-    the parameters peft's `target_parameters` wraps): 3-d, at least two experts, the same expert count for all."""
-    if is_linear(module) or is_norm(module):
+    the parameters peft's `target_parameters` wraps): 3-d (experts, rows, columns), at least two experts, the same
+    expert count for all.
+
+    Convolution kernels are 3-d too, (out, in / groups, width), but a convolution is no set of experts: its kernel is
+    read by the convolution (or by fused state-space kernels such as Mamba's, which take `conv1d.weight` directly), so
+    a per-"expert" delta on it would never act. The same holds for a convolution's parametrized kernel (weight norm's
+    `parametrizations.weight`, as in Wav2Vec2's positional convolution), and for matrices with a single row or column
+    (a depthwise (C, 1, K) kernel held by a module of another class).
+    """
+    if is_linear(module) or is_norm(module) or isinstance(module, (nn.modules.conv._ConvNd, ParametrizationList)):
         return []
-    stacked = {name: p for name, p in module.named_parameters(recurse=False) if p.dim() == 3}
+    stacked = {name: p for name, p in module.named_parameters(recurse=False) if p.dim() == 3 and min(p.shape[1:]) > 1}
     if len({p.shape[0] for p in stacked.values()}) != 1 or next(iter(stacked.values())).shape[0] < 2:
         return []
     return list(stacked)
@@ -84,17 +99,18 @@ def _holds_experts(module: nn.Module) -> bool:
 
 
 def _routing_linears(model: nn.Module) -> set[str]:
-    """Linear layers that route or gate rather than transform hidden states: width-1 gates (Qwen2-MoE's
-    shared_expert_gate) and linear routers named gate/router next to an experts module. A LoRA slice or adapter
-    there would be a handful of parameters steering the routing, not a parameter-efficient module."""
+    """Linear layers that route tokens in a mixture-of-experts block rather than transform hidden states: linear
+    routers named gate/router next to the experts (Mixtral's `gate`) and width-1 gates beside them (Qwen2-MoE's
+    `shared_expert_gate`). A LoRA slice or adapter there would be a handful of parameters steering the routing, not a
+    parameter-efficient module. Width-1 linears elsewhere (value heads, a GPT-2 `Conv1D(1, d)` score) are no routers.
+    """
     modules = dict(named_base_modules(model))
     routing = set()
     for path, module in modules.items():
-        if not is_linear(module):
-            continue
         parent, _, name = path.rpartition(".")
-        router = name in _ROUTER_NAMES and parent in modules and _holds_experts(modules[parent])
-        if router or linear_features(module)[1] == 1:
+        if not is_linear(module) or parent not in modules or not _holds_experts(modules[parent]):
+            continue
+        if name in _ROUTER_NAMES or linear_features(module)[1] == 1:
             routing.add(path)
     return routing
 
@@ -129,20 +145,26 @@ def find_blocks(model: nn.Module) -> dict[str, tuple[str, int]]:
     """Map of transformer-block paths to (stack path, layer index).
 
     A stack is a ModuleList of modules of one class containing linear layers (BERT `encoder.layer`, T5
-    `encoder.block` and `decoder.block`, GPT-2 `h`, Llama `layers`); stacks nested inside a block are not stacks.
+    `encoder.block` and `decoder.block`, GPT-2 `h`, Llama `layers`). Where stacks nest, the innermost ones hold the
+    blocks: Swin's `encoder.layers` is a list of stages, each with its own list of `blocks` and a downsampling layer
+    after them, and a stage is not one attention and one feed-forward. A ModuleList named `experts` holds the experts
+    of a mixture-of-experts block, not blocks.
     """
-    blocks: dict[str, tuple[str, int]] = {}
+    stacks: dict[str, int] = {}
     for path, module in named_base_modules(model):
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
-            continue
-        if any(path.startswith(f"{block}.") for block in blocks):
+        if not isinstance(module, nn.ModuleList) or len(module) == 0 or path.rpartition(".")[2] == "experts":
             continue
         if len({type(child) for child in module}) != 1:
             continue
-        if not any(is_linear(sub) for sub in module[0].modules()):
+        if any(is_linear(sub) for sub in module[0].modules()):
+            stacks[path] = len(module)
+    blocks: dict[str, tuple[str, int]] = {}
+    for path, length in stacks.items():
+        inside = f"{path}." if path else ""
+        if any(other != path and other.startswith(inside) for other in stacks):
             continue
-        for index in range(len(module)):
-            blocks[f"{path}.{index}" if path else str(index)] = (path, index)
+        for index in range(length):
+            blocks[f"{inside}{index}"] = (path, index)
     return blocks
 
 
@@ -156,12 +178,14 @@ def _enclosing_block(path: str, blocks: dict[str, tuple[str, int]]) -> str | Non
 
 
 def _default_adapter_positions(model: nn.Module, blocks: dict[str, tuple[str, int]]) -> set[str]:
-    """The output projection of each attention and each feed-forward sub-block, found by structure.
+    """The output projection of each attention (or state-space mixer) and each feed-forward sub-block, found by
+    structure.
 
-    Within a block, every linear layer under the outermost module whose class is named like an attention belongs to
-    that attention; the last one registered is its output projection. The last linear layer outside any attention is
-    the feed-forward output (BERT `output.dense`, T5 `wo`, GPT-2 `mlp.c_proj`, Llama `down_proj`). Mixture-of-experts
-    feed-forward blocks have no such layer (their output sums routed experts) and get no default adapter.
+    Within a block, every linear layer under the outermost module whose class is named like an attention or a mixer
+    belongs to that token mixer; the last one registered is its output projection. The last linear layer outside any
+    token mixer is the feed-forward output (BERT `output.dense`, T5 `wo`, GPT-2 `mlp.c_proj`, Llama `down_proj`).
+    Mixture-of-experts feed-forward blocks have no such layer (their output sums routed experts) and get no default
+    adapter.
     """
     modules = dict(named_base_modules(model))
     moe = tuple(f"{path}." for path, module in modules.items() if _holds_experts(module))
@@ -174,7 +198,7 @@ def _default_adapter_positions(model: nn.Module, blocks: dict[str, tuple[str, in
         attention = None
         for end in range(1, len(relative)):
             prefix = f"{block}." + ".".join(relative[:end])
-            if _ATTENTION_CLASS.search(type(modules[prefix]).__name__):
+            if _TOKEN_MIXER_CLASS.search(type(modules[prefix]).__name__):
                 attention = prefix
                 break
         last_in_group[(block, attention)] = path
@@ -223,7 +247,7 @@ def build_search_space(model: nn.Module, config: S3SearchConfig, check_patterns:
     With `check_patterns`, a `target_modules`, `norm_modules` or `adapter_modules` that matches nothing is an error.
     """
     blocks = find_blocks(model)
-    excluded = _excluded(model, config)
+    excluded = _excluded(model, config) | _kernel_read_modules(model, config)
     routing = _routing_linears(model)
     named = [(path, module) for path, module in named_base_modules(model) if path and path not in excluded]
     if config.adapter_modules is None:
@@ -240,7 +264,7 @@ def build_search_space(model: nn.Module, config: S3SearchConfig, check_patterns:
         block = _enclosing_block(path, blocks)
         stack, layer = blocks[block] if block is not None else (None, None)
         position = path[len(block) + 1 :] if block is not None else path
-        if path in routing:
+        if path in routing and not (matches(config.target_modules, path) or matches(config.adapter_modules, path)):
             left_out.append(path)
             continue
         in_blocks = block is not None
@@ -262,8 +286,9 @@ def _warn_left_out(config: S3SearchConfig, routing: list[str], moe_blocks: list[
     parts = []
     if routing:
         parts.append(
-            f"no candidates on {len(routing)} routing or width-1 gating linears (MoE routers and expert gates), e.g. "
-            f"{routing[:4]}: they steer the routing, and a LoRA slice there is no parameter-efficient module"
+            f"no candidates on {len(routing)} routing or width-1 gating linears (MoE routers and shared-expert "
+            f"gates), e.g. {routing[:4]}: they steer the routing, and a LoRA slice there is no parameter-efficient "
+            "module (name them in target_modules to search them anyway)"
         )
     if moe_blocks and "adapter" in config.candidate_kinds and config.adapter_modules is None:
         parts.append(
@@ -339,6 +364,25 @@ def _excluded(model: nn.Module, config: S3SearchConfig) -> set[str]:
         if in_saved or matches(config.exclude_modules, path):
             excluded.add(path)
     return excluded
+
+
+def _kernel_read_modules(model: nn.Module, config: S3SearchConfig) -> set[str]:
+    """The modules of a Mamba-type model that peft refuses LoRA on: no S3 candidate is offered there either, since
+    the kernels would bypass it too, and a structure holding one would convert to a LoraConfig that peft rejects.
+    Naming one explicitly is an error, as in peft."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in _MAMBA_MODEL_TYPES:
+        return set()
+    found = {path for path, _ in named_base_modules(model) if path.rpartition(".")[2] in _MAMBA_KERNEL_MODULES}
+    for field_name in ("target_modules", "norm_modules", "adapter_modules"):
+        named = [path for path in sorted(found) if matches(getattr(config, field_name), path)]
+        if named:
+            raise ValueError(
+                f"{named[:4]} cannot be adapted on a {model_type!r} model: its CUDA kernels read the weights of "
+                f"{sorted(_MAMBA_KERNEL_MODULES)} directly, bypassing any adapter layer, and peft refuses LoRA there "
+                f"for that reason. Leave them out of {field_name} (or of the structure); in_proj can be adapted."
+            )
+    return found
 
 
 def _check_patterns_match(
