@@ -450,6 +450,10 @@ def test_set_requires_grad(model: str, kwargs: dict, mode: str) -> None:
     peft_model.set_requires_grad("default", requires_grad=False)
     # modules_to_save copies are peft's auxiliary wrappers and follow set_requires_grad as well.
     assert [name for name, param in adapter.items() if param.requires_grad] == []
+    # Adding and deleting another adapter leaves the frozen one frozen.
+    peft_model.add_adapter("other", case_config(model, kwargs, mode))
+    peft_model.delete_adapter("other")
+    assert [name for name, param in adapter.items() if param.requires_grad] == []
     peft_model.set_requires_grad("default")
     assert [name for name, param in adapter.items() if not param.requires_grad] == []
 

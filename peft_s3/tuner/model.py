@@ -266,10 +266,13 @@ class S3Model(BaseTuner):
             alpha.requires_grad_(name in self.active_adapters and not inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        was_active = adapter_name in self.active_adapters
         super().delete_adapter(adapter_name)
         if adapter_name in self.s3_alpha:
             del self.s3_alpha[adapter_name]
-        self._train_active_alphas()
+        if was_active:
+            # As peft's layers do: only a new active adapter is made trainable; deleting another changes nothing.
+            self._train_active_alphas()
         for registry in (self._s3_candidates, self._s3_banks, self._s3_module_plans):
             registry.pop(adapter_name, None)
 
