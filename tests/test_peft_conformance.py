@@ -259,9 +259,12 @@ def test_load_adapter_trains_the_new_adapter_only_when_trainable(
 
 
 @pytest.mark.parametrize(("model", "kwargs", "mode"), CASES)
-def test_get_base_model_state_dict_is_the_untouched_base(model: str, kwargs: dict, mode: str) -> None:
+def test_get_base_model_state_dict_and_unload_give_the_untouched_base(model: str, kwargs: dict, mode: str) -> None:
     peft_model = build(model, kwargs, mode)
     assert_tensors_equal(MODELS[model]().state_dict(), get_base_model_state_dict(peft_model))
+    plain = peft_model.unload()
+    assert not any(isinstance(module, BaseTunerLayer) for module in plain.modules())
+    torch.testing.assert_close(outputs(plain, model), base_outputs(model), atol=0, rtol=0)
 
 
 # -------------------------------------------------------------------------------------------------------- merging
