@@ -1,5 +1,5 @@
 """peft's generic tuner checks (the PeftCommonTester of peft's tests/testing_common.py) for S3, in the shape of peft's
-tests/test_custom_models.py: a table of tiny models x S3 configs, each check run on every row.
+tests/test_custom_models.py: a table of tiny models x S3 configs, most checks run on every row.
 
 A check either passes as it does for peft's LoRA or is a documented refusal whose error the test asserts:
 - merging a search adapter (its soft gates are no fixed weights),
