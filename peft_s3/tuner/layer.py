@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .config import S3SearchConfig
 from .gates import GateBank
-from .search_space import Candidate, adapter_width, fused_expert_parameters, is_linear, linear_features
+from .search_space import Candidate, adapter_width, fused_expert_parameters, is_linear, is_norm, linear_features
 
 
 class S3Layer(BaseTunerLayer):
@@ -27,10 +27,19 @@ class S3Layer(BaseTunerLayer):
     """
 
     adapter_layer_names = ("s3_lora_A", "s3_lora_B", "s3_bias", "s3_scale", "s3_adapter_down", "s3_adapter_up")
-    other_param_names = ("s3_scaling", "s3_gate_span", "s3_kind_offsets")
+    # Every other per-adapter dict: peft's delete_adapter removes the adapter from all of these.
+    other_param_names = (
+        "s3_scaling",
+        "s3_gate_span",
+        "s3_kind_offsets",
+        "s3_lora_dropout",
+        "s3_activation",
+        "s3_banks",
+    )
 
     def __init__(self, base_layer: nn.Module) -> None:
         self.base_layer = base_layer
+        self.in_features, self.out_features = _in_out_features(base_layer)
         for name in self.adapter_layer_names:
             setattr(self, name, nn.ParameterDict())
         self.s3_lora_dropout = nn.ModuleDict()
@@ -50,10 +59,13 @@ class S3Layer(BaseTunerLayer):
         bank: Optional[GateBank],
         config: S3SearchConfig,
     ) -> None:
-        """Create the parameters of `candidates` (all on this module, contiguous in the gate vector)."""
+        """Create the parameters of `candidates` (all on this module, contiguous in the gate vector).
+
+        They are drawn in float32 and stored in the base's dtype, as peft's LoRA stores its weights: PeftModel then
+        upcasts half-precision adapters to float32 unless `autocast_adapter_dtype=False`.
+        """
         base = self.get_base_layer()
-        weight = getattr(base, "weight", None)
-        factory = {"device": weight.device if weight is not None else None, "dtype": torch.float32}
+        factory = {"device": _base_device_and_dtype(base)[0], "dtype": torch.float32}
         offsets: dict[str, tuple[int, int]] = {}
         for index, candidate in enumerate(candidates):
             key = self._segment_key(candidate)
@@ -68,30 +80,34 @@ class S3Layer(BaseTunerLayer):
             in_features, out_features = linear_features(base)
             lora_a = torch.empty(rank, in_features, **factory)
             nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5))
-            self.s3_lora_A[adapter_name] = nn.Parameter(lora_a)
-            self.s3_lora_B[adapter_name] = nn.Parameter(self._delta_init(config, out_features, rank, **factory))
+            self.s3_lora_A[adapter_name] = self._parameter(lora_a)
+            self.s3_lora_B[adapter_name] = self._parameter(self._delta_init(config, out_features, rank, **factory))
             self.s3_scaling[adapter_name] = config.lora_alpha / config.max_rank
             self.s3_lora_dropout[adapter_name] = (
                 nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
             )
         if "bitfit" in offsets:
             width = linear_features(base)[1] if is_linear(base) else base.weight.shape[0]
-            self.s3_bias[adapter_name] = nn.Parameter(self._delta_init(config, width, **factory))
+            self.s3_bias[adapter_name] = self._parameter(self._delta_init(config, width, **factory))
         if "lnfit" in offsets:
-            self.s3_scale[adapter_name] = nn.Parameter(self._delta_init(config, base.weight.shape[0], **factory))
+            self.s3_scale[adapter_name] = self._parameter(self._delta_init(config, base.weight.shape[0], **factory))
         if "adapter" in offsets:
             width = adapter_width(base)
             down = torch.empty(config.adapter_rank, width, **factory)
             nn.init.kaiming_uniform_(down, a=math.sqrt(5))
-            self.s3_adapter_down[adapter_name] = nn.Parameter(down)
+            self.s3_adapter_down[adapter_name] = self._parameter(down)
             up = self._delta_init(config, width, config.adapter_rank, **factory)
-            self.s3_adapter_up[adapter_name] = nn.Parameter(up)
+            self.s3_adapter_up[adapter_name] = self._parameter(up)
             self.s3_activation[adapter_name] = config.adapter_activation
         self.set_adapter(self.active_adapters)
 
     def _segment_key(self, candidate: Candidate) -> str:
         """Key of the candidate's run of gates in `s3_kind_offsets`: its kind."""
         return candidate.kind
+
+    def _parameter(self, values: torch.Tensor) -> nn.Parameter:
+        """A candidate parameter holding `values` in the dtype of the base layer (float32 if that is not a float)."""
+        return nn.Parameter(values.to(_base_device_and_dtype(self.get_base_layer())[1]))
 
     @staticmethod
     def _delta_init(config: S3SearchConfig, *shape: int, **factory: Any) -> torch.Tensor:
@@ -116,7 +132,7 @@ class S3Layer(BaseTunerLayer):
     def _gated_bias(self, adapter_name: str) -> torch.Tensor:
         bias = self.s3_bias[adapter_name]
         gate = self._gate(adapter_name, "bitfit")
-        return bias if gate is None else bias * gate
+        return bias if gate is None else bias * gate.to(bias.dtype)
 
     def _active(self) -> list[str]:
         return [name for name in self.active_adapters if name in self.s3_kind_offsets]
@@ -135,7 +151,7 @@ class S3Layer(BaseTunerLayer):
                 hidden = F.linear(self.s3_lora_dropout[name](x.to(lora_a.dtype)), lora_a)
                 gate = self._gate(name, "lora")
                 scaling = self.s3_scaling[name]
-                hidden = hidden * (scaling if gate is None else gate * scaling)
+                hidden = hidden * (scaling if gate is None else gate.to(hidden.dtype) * scaling)
                 bias = self._gated_bias(name) if name in self.s3_bias else None
                 result = result + F.linear(hidden, self.s3_lora_B[name], bias).to(out_dtype)
             elif name in self.s3_bias:
@@ -146,7 +162,7 @@ class S3Layer(BaseTunerLayer):
                 hidden = activation(F.linear(result.to(down.dtype), down))
                 gate = self._gate(name, "adapter")
                 if gate is not None:
-                    hidden = hidden * gate
+                    hidden = hidden * gate.to(hidden.dtype)
                 result = result + F.linear(hidden, self.s3_adapter_up[name]).to(out_dtype)
         return result
 
@@ -173,20 +189,40 @@ class S3Layer(BaseTunerLayer):
     def _merged_parameter_deltas(self, name: str) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def _unmerged(self, adapter_names: Optional[list[str]]) -> list[str]:
+        """The adapters of `adapter_names` (default: the active ones) that this layer holds and has not merged."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        return [name for name in names if name in self.s3_kind_offsets and name not in self.merged_adapters]
+
+    def _merged_parameters(self, adapter_names: list[str], safe_merge: bool) -> dict[str, torch.Tensor]:
+        """The base parameters with `adapter_names` merged in, computed without touching the layer.
+
+        With `safe_merge`, non-finite results are refused here, before anything is assigned, so a refused merge
+        leaves every part of the layer as it was.
+        """
+        base = self.get_base_layer()
+        merged: dict[str, torch.Tensor] = {}
+        for name in adapter_names:
+            for param_name, delta in self._merged_parameter_deltas(name).items():
+                current = merged.get(param_name, getattr(base, param_name).data)
+                merged[param_name] = current + delta.to(current.dtype)
+        if safe_merge:
+            broken = [param_name for param_name, value in merged.items() if not torch.isfinite(value).all()]
+            if broken:
+                raise ValueError(
+                    f"NaNs or infs detected in the merged {broken} of adapter(s) {adapter_names}: nothing was merged."
+                )
+        return merged
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
-        adapter_names = check_adapters_to_merge(self, adapter_names)
+        adapter_names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.s3_kind_offsets]
         if not adapter_names:
             return
         self._check_mergeable(adapter_names)
         base = self.get_base_layer()
-        for name in adapter_names:
-            for param_name, delta in self._merged_parameter_deltas(name).items():
-                param = getattr(base, param_name)
-                merged = param.data + delta.to(param.dtype)
-                if safe_merge and not torch.isfinite(merged).all():
-                    raise ValueError(f"NaNs or infs detected in the merged weights of adapter '{name}'.")
-                param.data = merged
-            self.merged_adapters.append(name)
+        for param_name, value in self._merged_parameters(adapter_names, safe_merge).items():
+            getattr(base, param_name).data = value
+        self.merged_adapters.extend(adapter_names)
 
     def unmerge(self) -> None:
         base = self.get_base_layer()
@@ -213,10 +249,10 @@ class S3Linear(nn.Module, S3Layer):
         self.update_layer(**kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Decided before the base runs: with adapters disabled this unmerges merged weights first.
+        run_unmerged = self._run_unmerged()
         result = self.base_layer(x, *args, **kwargs)
-        if not self._run_unmerged():
-            return result
-        return self._add_output_deltas(result, x)
+        return self._add_output_deltas(result, x) if run_unmerged else result
 
     def _merged_parameter_deltas(self, name: str) -> dict[str, torch.Tensor]:
         deltas = {}
@@ -297,8 +333,9 @@ class S3Block(nn.Module, S3Layer):
         self.update_layer(**kwargs)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        run_unmerged = self._run_unmerged()
         output = self.base_layer(*args, **kwargs)
-        if not self._run_unmerged():
+        if not run_unmerged:
             return output
         if isinstance(output, torch.Tensor):
             return self._add_output_deltas(output, None)
@@ -361,8 +398,8 @@ class S3Experts(nn.Module, S3Layer):
             a = torch.empty(experts, stop - start, columns, **factory)
             for expert in a:
                 nn.init.kaiming_uniform_(expert, a=math.sqrt(5))
-            lora_a[parameter] = nn.Parameter(a)
-            lora_b[parameter] = nn.Parameter(self._delta_init(config, experts, rows, stop - start, **factory))
+            lora_a[parameter] = self._parameter(a)
+            lora_b[parameter] = self._parameter(self._delta_init(config, experts, rows, stop - start, **factory))
         self.s3_expert_A[adapter_name] = lora_a
         self.s3_expert_B[adapter_name] = lora_b
         self.s3_scaling[adapter_name] = config.lora_alpha / config.max_rank
@@ -375,7 +412,8 @@ class S3Experts(nn.Module, S3Layer):
             gate = self._gate(name, parameter)
             scaling = self.s3_scaling[name]
             # As in S3Linear: gates and scaling multiply the rank dimension, here of B (experts, rows, rank).
-            lora_b = self.s3_expert_B[name][parameter] * (scaling if gate is None else gate * scaling)
+            lora_b = self.s3_expert_B[name][parameter]
+            lora_b = lora_b * (scaling if gate is None else gate.to(lora_b.dtype) * scaling)
             deltas[parameter] = lora_b @ lora_a
         return deltas
 
@@ -401,3 +439,24 @@ class S3Experts(nn.Module, S3Layer):
 
     def __repr__(self) -> str:
         return "s3." + super().__repr__()
+
+
+def _in_out_features(base: nn.Module) -> tuple[Optional[int], Optional[int]]:
+    """in_features / out_features of an S3 layer: the base linear's, a norm's width, None otherwise (as in peft)."""
+    if is_linear(base):
+        return linear_features(base)
+    if is_norm(base):
+        width = base.weight.shape[0]
+        return width, width
+    return None, None
+
+
+def _base_device_and_dtype(base: nn.Module) -> tuple[Optional[torch.device], torch.dtype]:
+    """Where and in which dtype the candidates of `base` live: those of its weight (or first parameter), float32
+    where that is no float (quantized weights)."""
+    reference = getattr(base, "weight", None)
+    if not isinstance(reference, torch.Tensor):
+        reference = next(base.parameters(), None)
+    if reference is None:
+        return None, torch.float32
+    return reference.device, reference.dtype if reference.is_floating_point() else torch.float32

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import groupby
 from typing import Any, Optional
 
@@ -56,7 +56,12 @@ class S3Model(BaseTuner):
         self, model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True, **kwargs: Any
     ) -> None:
         self._plan_adapter(model, adapter_name)
+        # peft's injection re-activates the active adapters with the new adapter's inference_mode and then restores
+        # the trainability of the parameters it found in the model; the alphas live on the tuner, so restore them here.
+        alphas_trainable = {name: alpha.requires_grad for name, alpha in self.s3_alpha.items() if name != adapter_name}
         super().inject_adapter(model, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype, **kwargs)
+        for name, requires_grad in alphas_trainable.items():
+            self.s3_alpha[name].requires_grad_(requires_grad)
         if not getattr(self, "_s3_hooks", None):
             self._s3_hooks = self._register_gate_hooks(model)
 
@@ -95,6 +100,9 @@ class S3Model(BaseTuner):
         if not candidates:
             raise ValueError(_no_candidates_message(model, config))
         _check_not_nested(candidates)
+        # Candidates on fused expert parameters live in the layer that wraps the experts module holding them.
+        owners = expert_parameter_owners(model)
+        _check_dropout(candidates, config, owners)
         digest = signature(candidates)
         if config.search_space_signature is not None and config.search_space_signature != digest:
             raise ValueError(
@@ -120,8 +128,6 @@ class S3Model(BaseTuner):
         self._s3_banks[adapter_name] = bank
         plan = {}
         start = 0
-        # Candidates on fused expert parameters live in the layer that wraps the experts module holding them.
-        owners = expert_parameter_owners(model)
         for module, group in groupby(candidates, key=lambda c: owners.get(c.module, c.module)):
             group = list(group)
             plan[module] = (group, start)
@@ -210,18 +216,21 @@ class S3Model(BaseTuner):
         if not self._s3_in_forward:
             self._refresh_gates(module.training)
 
-    def _check_layers_mergeable(self, adapter_names: Optional[list[str]]) -> None:
-        # Checked on every layer up front: a layer refusing halfway through would leave the model partly merged.
+    def _check_layers_mergeable(self, adapter_names: Optional[list[str]], safe_merge: bool) -> None:
+        """Refuse the merge before any layer changes: a layer refusing halfway through would leave the model partly
+        merged. With `safe_merge`, every layer's merged parameters are computed and checked for NaNs and infs first."""
         names = adapter_names if adapter_names is not None else self.active_adapters
         for path, module in self.model.named_modules():
             if isinstance(module, S3Layer):
                 try:
                     module._check_mergeable(names)
+                    if safe_merge:
+                        module._merged_parameters(module._unmerged(names), safe_merge=True)
                 except ValueError as error:
                     raise ValueError(f"Cannot merge {path}: {error}") from None
 
     def merge_adapter(self, adapter_names: Optional[list[str]] = None, safe_merge: bool = False) -> None:
-        self._check_layers_mergeable(adapter_names)
+        self._check_layers_mergeable(adapter_names, safe_merge)
         super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def _unload_and_optionally_merge(
@@ -232,7 +241,7 @@ class S3Model(BaseTuner):
         adapter_names: Optional[list[str]] = None,
     ) -> nn.Module:
         if merge:
-            self._check_layers_mergeable(adapter_names)
+            self._check_layers_mergeable(adapter_names, safe_merge)
         model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
@@ -245,16 +254,25 @@ class S3Model(BaseTuner):
         super().set_adapter(adapter_name, inference_mode=inference_mode)
         self._train_active_alphas(inference_mode)
 
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        names = {adapter_names} if isinstance(adapter_names, str) else set(adapter_names)
+        for name in names & set(self.s3_alpha):
+            self.s3_alpha[name].requires_grad_(requires_grad)
+
     def _train_active_alphas(self, inference_mode: bool = False) -> None:
         # As peft does for the candidate parameters in the layers: only the active adapters' alphas train.
         for name, alpha in self.s3_alpha.items():
             alpha.requires_grad_(name in self.active_adapters and not inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        was_active = adapter_name in self.active_adapters
         super().delete_adapter(adapter_name)
         if adapter_name in self.s3_alpha:
             del self.s3_alpha[adapter_name]
-        self._train_active_alphas()
+        if was_active:
+            # As peft's layers do: only a new active adapter is made trainable; deleting another changes nothing.
+            self._train_active_alphas()
         for registry in (self._s3_candidates, self._s3_banks, self._s3_module_plans):
             registry.pop(adapter_name, None)
 
@@ -363,6 +381,20 @@ def _no_candidates_message(model: nn.Module, config: S3SearchConfig) -> str:
         f"{found}: no transformer block stack (a ModuleList of identical blocks with linear layers) was detected and "
         "no `target_modules` / `norm_modules` / `adapter_modules` were given. Name the modules to search over."
     )
+
+
+def _check_dropout(candidates: list[Candidate], config: S3SearchConfig, expert_owners: dict[str, str]) -> None:
+    # A slice on a fused expert weight is added to the weight the experts' kernels read, so there is no LoRA input to
+    # drop out (peft refuses lora_dropout with target_parameters for the same reason). Ignoring the setting there
+    # would train those slices differently from the linears' without a word.
+    experts = sorted({c.module for c in candidates if c.module in expert_owners})
+    if config.lora_dropout and experts:
+        raise ValueError(
+            f"lora_dropout={config.lora_dropout!r} cannot apply to the LoRA slices on fused expert weights, e.g. "
+            f"{experts[:2]}: they are added to the expert weights, so there is no LoRA input to drop out. Use "
+            "lora_dropout=0, or leave the expert weights out of the search space (e.g. "
+            "exclude_modules=r'.*experts.*')."
+        )
 
 
 def _check_not_nested(candidates: list[Candidate]) -> None:
