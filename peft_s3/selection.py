@@ -101,10 +101,10 @@ def select(
 
     Near-ties are ties: both rules compare p (and alpha, which breaks ties of p) on grids of P_RESOLUTION and
     ALPHA_RESOLUTION and break the remaining ties by candidate order, so float noise below those steps cannot change
-    the result. `"exact"` maximises the sum of p (the paper's rule); `"greedy"` takes candidates by descending p while they fit,
-    which can lose against it when sizes differ (one large candidate of p 0.9 against two small ones of 0.85).
-    The exact table has len(p) x (limit / gcd(sizes)) cells; beyond MAX_EXACT_CELLS the greedy rule is used, with a
-    warning.
+    the result. `"exact"` maximises the sum of p (the paper's rule); `"greedy"` takes candidates by descending p
+    while they fit, which can lose against it when sizes differ (one large candidate of p 0.9 against two small ones
+    of 0.85). The exact table has len(p) x (limit / gcd(sizes)) cells; beyond MAX_EXACT_CELLS the greedy rule is used,
+    with a warning.
     """
     if method not in SELECTION_METHODS:
         raise ValueError(f"method={method!r} is not allowed: choose one of {list(SELECTION_METHODS)}.")
