@@ -10,9 +10,12 @@ import dataclasses
 import math
 from typing import Any, Optional, Union
 
+import torch
+
 from .gate_report import candidates_of, report_of, search_config_of
 from .selection import SELECTION_METHODS, select
 from .structure import ModuleInfo, ScoredCandidate, SearchedStructure
+from .tuner.gates import solve_zeta
 from .tuner.search_space import Candidate
 
 
@@ -25,6 +28,15 @@ def _check_finite_gates(rows: list[dict[str, Any]]) -> None:
             f"{len(broken)} of {len(rows)} gates are not finite, e.g. {examples}: the search diverged, so its gates "
             "rank nothing. Search again with a lower alpha_learning_rate or learning_rate (or without fp16)."
         )
+
+
+def _final_probabilities(alphas: list[float], sizes: list[int], budget: int, tau: float) -> list[float]:
+    # The gates as the finished search holds them: the config's tau and the expected size at the budget itself. A
+    # mid-search checkpoint's report holds p at the annealed tau and widened budget of its step, a model loaded from
+    # it p at the config's: recomputing from alpha gives both the same p. Same float32 arithmetic as GateBank.
+    alpha = torch.tensor(alphas, dtype=torch.float32)
+    zeta = solve_zeta(alpha, torch.tensor(sizes, dtype=torch.float64), budget, tau)
+    return torch.sigmoid((alpha - zeta) / tau).tolist()
 
 
 _CANDIDATE_FIELDS = tuple(field_.name for field_ in dataclasses.fields(Candidate))
@@ -43,6 +55,12 @@ def resolve(
     method: str = "exact",
 ) -> SearchedStructure:
     """Choose the final structure of an S3 search: the candidates of highest total gate probability p that fit.
+
+    The p that ranks the candidates is always the one the search ends at: recomputed from the alphas at the config's
+    tau with the expected size at the search's budget, whatever the gates held when the model or report was taken.
+    So a mid-search checkpoint resolves alike whether passed as its directory (whose s3_gates.json holds p at the
+    annealed tau and widened budget of its step) or as the PeftModel loaded from it, and a finished search resolves
+    to the p of its report. `SearchedStructure.search_space` holds these p.
 
     `method="exact"` (the default) is the paper's rule: the set with the highest sum of p within the budget, a 0/1
     knapsack solved exactly (`peft_s3.selection.exact_selection`; it falls back to the greedy rule, with a warning,
@@ -82,10 +100,12 @@ def resolve(
             f"budget={budget if budget is not None else report['budget']!r} allows {limit} trainable parameters, "
             f"fewer than the smallest candidate ({min(sizes)}): no structure fits. Use a budget >= {min(sizes)}."
         )
-    chosen = set(select([row["p"] for row in rows], [row["alpha"] for row in rows], sizes, limit, method))
+    alphas = [row["alpha"] for row in rows]
+    p = _final_probabilities(alphas, sizes, report["budget"], config.tau)
+    chosen = set(select(p, alphas, sizes, limit, method))
     search_space = [
-        ScoredCandidate(**_fields(candidate), p=row["p"], selected=index in chosen)
-        for index, (candidate, row) in enumerate(zip(candidates, rows, strict=True))
+        ScoredCandidate(**_fields(candidate), p=p_i, selected=index in chosen)
+        for index, (candidate, p_i) in enumerate(zip(candidates, p, strict=True))
     ]
     modules = {c.module for c in search_space if c.selected}
     return SearchedStructure(

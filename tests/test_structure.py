@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import TASK_TYPES, TINY_MODELS, make_batch
 from huggingface_hub import HfApi, ModelCard
+from test_trainer import MarkerTask, arguments, search_model
 from transformers import BertConfig, BertForSequenceClassification
 
 import peft_s3
@@ -211,6 +212,26 @@ def test_gate_report_and_structure_round_trip(tmp_path: Path) -> None:
     (tmp_path / "broken.json").write_text(json.dumps({**data, "colour": "blue"}))
     with pytest.raises(ValueError, match=r"unexpected keys \['colour'\], missing keys \['budget'\]"):
         SearchedStructure.load(tmp_path / "broken.json")
+
+
+def test_a_mid_search_checkpoint_resolves_alike_from_its_directory_and_its_loaded_model(tmp_path: Path) -> None:
+    # A default search anneals tau and the expected size over its first half; checkpoint-2 of 4 is inside that.
+    model = search_model(budget=0.02)
+    args = arguments(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    peft_s3.S3SearchTrainer(model=model, args=args, train_dataset=MarkerTask(64)).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    from_directory = resolve(checkpoint)
+    from_model = resolve(peft.PeftModel.from_pretrained(TINY_MODELS["bert"](), checkpoint))
+
+    stored_p = [row["p"] for row in load_gate_report(checkpoint)["candidates"]]
+    # The checkpoint's report holds p at the annealed settings, far from the p at the config's.
+    assert max(abs(stored - c.p) for stored, c in zip(stored_p, from_model.search_space, strict=True)) > 0.1
+    assert from_directory.structure == from_model.structure
+    assert [c.p for c in from_directory.search_space] == [c.p for c in from_model.search_space]
+    # At the end of the search the schedules are over: the report's p are those resolve ranks by.
+    final = resolve(tmp_path / "checkpoint-4")
+    stored_final = [row["p"] for row in load_gate_report(tmp_path / "checkpoint-4")["candidates"]]
+    assert [c.p for c in final.search_space] == pytest.approx(stored_final, abs=1e-6)
 
 
 def test_table_and_markdown_list_each_module_and_kind() -> None:
