@@ -27,6 +27,14 @@ STRUCTURE_FILE = "s3_structure.json"
 
 LORA_POLICIES = ("raise", "drop", "approximate")
 
+# The heads that peft's PeftModelFor<task> appends to a config's modules_to_save itself (it extends the list, so a
+# config that already names them would list them twice); the search's config holds them after get_peft_model.
+TASK_HEAD_MODULES: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
 LORA_CONVERSION_LIMITS: dict[str, str] = {
     "adapter": (
         "a low-rank adapter on a module's output has no LoRA counterpart (LoRA is a linear weight delta, the adapter "
@@ -283,6 +291,11 @@ class SearchedStructure:
 
     # ------------------------------------------------------------------------------------------- converters
 
+    def _own_modules_to_save(self) -> list[str]:
+        """modules_to_save without the task heads that peft adds for `task_type` itself, each name once."""
+        heads = TASK_HEAD_MODULES.get(self.task_type, ())
+        return [name for name in dict.fromkeys(self.modules_to_save or []) if name not in heads]
+
     def to_peft_config(self) -> S3SearchConfig:
         """A fixed-structure S3SearchConfig that builds exactly these candidates, with the search's LoRA scaling."""
         kinds = {candidate.kind for candidate in self.candidates}
@@ -294,7 +307,7 @@ class SearchedStructure:
             lora_dropout=self.lora_dropout,
             adapter_rank=self.adapter_rank,
             adapter_activation=self.adapter_activation,
-            modules_to_save=None if self.modules_to_save is None else list(self.modules_to_save),
+            modules_to_save=self._own_modules_to_save() or None,
             task_type=self.task_type,
             base_model_name_or_path=self.base_model_name_or_path,
         )
@@ -399,7 +412,7 @@ class SearchedStructure:
                 re.escape(m): self.lora_alpha * r / self.max_rank for m, r in lora_ranks.items() if r != self.max_rank
             },
             bias=bias,
-            modules_to_save=[*(self.modules_to_save or []), *norms_to_save] or None,
+            modules_to_save=[*self._own_modules_to_save(), *norms_to_save] or None,
         )
         approximated = {
             name: reason for name, reason in issues.items() if policy == "approximate" and name in approximable

@@ -338,6 +338,18 @@ def test_lora_structure_converts_exactly_with_the_search_scaling() -> None:
     assert torch.allclose(_logits(lora), _logits(retrain), atol=1e-6)
 
 
+@pytest.mark.parametrize("to_config", ["to_lora_config", "to_peft_config"])
+def test_converted_seq_cls_configs_list_each_module_to_save_once(to_config: str) -> None:
+    # peft appends the classification heads to a SEQ_CLS config's modules_to_save itself.
+    model = _search(budget=96, candidate_kinds=["lora"], modules_to_save=["pooler.dense"])
+    _prefer(model, [f"{BERT_LAYER}attention.self.query:lora[0]"])
+    structure = resolve(model)
+    assert structure.task_type == "SEQ_CLS"
+    config = getattr(structure, to_config)()
+    peft.get_peft_model(TINY_MODELS["bert"](), config)
+    assert config.modules_to_save == ["pooler.dense", "classifier", "score"]
+
+
 def test_mix_structure_converts_exactly_when_lora_config_can_express_it() -> None:
     model = _search(budget=80)
     query, layer_norm = f"{BERT_LAYER}attention.self.query", f"{BERT_LAYER}attention.output.LayerNorm"
