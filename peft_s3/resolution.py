@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from typing import Any, Optional, Union
 
 import torch
 
 from .gate_report import candidates_of, report_of, search_config_of
-from .selection import SELECTION_METHODS, select
+from .selection import ALPHA_RESOLUTION, SELECTION_METHODS, select
 from .structure import ModuleInfo, ScoredCandidate, SearchedStructure
 from .tuner.gates import solve_zeta
 from .tuner.search_space import Candidate
@@ -39,6 +40,18 @@ def _final_probabilities(alphas: list[float], sizes: list[int], budget: int, tau
     return torch.sigmoid((alpha - zeta) / tau).tolist()
 
 
+def _warn_if_untrained(alphas: list[float]) -> None:
+    # Every alpha equal (on the selection's grid) means every p equal: the ranking is candidate order, not a search.
+    if max(alphas) - min(alphas) < ALPHA_RESOLUTION:
+        warnings.warn(
+            f"All {len(alphas)} candidates have the same alpha ({alphas[0]:g}): the search has not trained "
+            "(or its alphas were not loaded), so all p are equal and the structure is just the first candidates in "
+            "gate order that fit the budget. Resolve a search after training it.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 _CANDIDATE_FIELDS = tuple(field_.name for field_ in dataclasses.fields(Candidate))
 
 
@@ -61,6 +74,10 @@ def resolve(
     So a mid-search checkpoint resolves alike whether passed as its directory (whose s3_gates.json holds p at the
     annealed tau and widened budget of its step) or as the PeftModel loaded from it, and a finished search resolves
     to the p of its report. `SearchedStructure.search_space` holds these p.
+
+    A search that never trained (every alpha equal, so every p equal) resolves with a UserWarning: its structure is
+    the candidate order cut at the budget, not a result. Near-ties of p are broken as `peft_s3.selection.select`
+    documents (p and alpha on grids of 1e-4, then candidate order), so float noise cannot change the structure.
 
     `method="exact"` (the default) is the paper's rule: the set with the highest sum of p within the budget, a 0/1
     knapsack solved exactly (`peft_s3.selection.exact_selection`; it falls back to the greedy rule, with a warning,
@@ -101,6 +118,7 @@ def resolve(
             f"fewer than the smallest candidate ({min(sizes)}): no structure fits. Use a budget >= {min(sizes)}."
         )
     alphas = [row["alpha"] for row in rows]
+    _warn_if_untrained(alphas)
     p = _final_probabilities(alphas, sizes, report["budget"], config.tau)
     chosen = set(select(p, alphas, sizes, limit, method))
     search_space = [

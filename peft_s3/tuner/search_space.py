@@ -12,7 +12,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .config import S3SearchConfig
+from .config import S3SearchConfig, string_pattern_hint
 
 _ATTENTION_CLASS = re.compile(r"attention|attn", re.IGNORECASE)
 _ROUTER_NAMES = ("gate", "router")
@@ -361,6 +361,7 @@ def _check_patterns_match(
         examples = sorted({path.rsplit(".", 1)[-1] for path, module in named if accepts(module)})[:12]
         raise ValueError(
             f"{field_name}={patterns!r} matches no {what} of this model. Names of {what}s here include: {examples}."
+            + string_pattern_hint(patterns)
         )
 
 
