@@ -19,6 +19,31 @@ from .structure import ModuleInfo, ScoredCandidate, SearchedStructure
 from .tuner.gates import solve_zeta
 from .tuner.search_space import Candidate
 
+_ROW_KEYS = ("name", "kind", "module", "stack", "layer", "position", "num_params", "alpha", "p")
+
+
+def _check_rows(rows: Any) -> None:
+    # A hand-edited or foreign report would otherwise fail deep inside the selection with a bare KeyError/TypeError.
+    if not isinstance(rows, list) or not rows:
+        raise ValueError(f"The gate report's candidates={rows!r} is not allowed: it must be a non-empty list of rows.")
+    for index, row in enumerate(rows):
+        missing = [key for key in _ROW_KEYS if not isinstance(row, dict) or key not in row]
+        if missing:
+            raise ValueError(
+                f"Row {index} of the gate report lacks {missing}: every row needs {list(_ROW_KEYS)}, as "
+                "`save_gate_report` writes them."
+            )
+        size = row["num_params"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(
+                f"Row {index} of the gate report ({row['name']!r}) has num_params={size!r}: it must be an int >= 1."
+            )
+        for key in ("alpha", "p"):
+            if isinstance(row[key], bool) or not isinstance(row[key], (int, float)):
+                raise ValueError(
+                    f"Row {index} of the gate report ({row['name']!r}) has {key}={row[key]!r}: it must be a number."
+                )
+
 
 def _check_finite_gates(rows: list[dict[str, Any]]) -> None:
     # NaN compares false with everything, so a diverged search would otherwise resolve to an arbitrary structure.
@@ -109,6 +134,7 @@ def resolve(
         report["budget"] if budget is None else dataclasses.replace(config, budget=budget).absolute_budget(backbone)
     )
     rows = report["candidates"]
+    _check_rows(rows)
     _check_finite_gates(rows)
     candidates = candidates_of(rows)
     sizes = [candidate.num_params for candidate in candidates]

@@ -19,6 +19,7 @@ from transformers import (
 )
 
 from peft_s3 import S3SearchConfig, SearchedStructure, apply_structure, resolve
+from peft_s3.gate_report import gate_report
 
 BUDGET = 300
 
@@ -202,3 +203,21 @@ def test_a_string_target_module_that_matches_nothing_explains_the_regex():
         get_peft_model(TINY_MODELS["bert"](), S3SearchConfig(budget=BUDGET, target_modules="query"))
     # A list is matched by name, as in peft.
     get_peft_model(TINY_MODELS["bert"](), S3SearchConfig(budget=BUDGET, target_modules=["query"]))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda row: row.pop("kind"), r"Row 0 of the gate report lacks \['kind'\]"),
+        (
+            lambda row: row.update(num_params="12"),
+            r"Row 0 of the gate report .* has num_params='12': it must be an int",
+        ),
+        (lambda row: row.update(alpha=None), r"Row 0 of the gate report .* has alpha=None: it must be a number"),
+    ],
+)
+def test_a_malformed_gate_report_row_is_named(edit, message):
+    report = gate_report(_search_model())
+    edit(report["candidates"][0])
+    with pytest.raises(ValueError, match=message):
+        resolve(report)
