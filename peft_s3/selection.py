@@ -18,15 +18,32 @@ SELECTION_METHODS = ("exact", "greedy")
 # 70B-shaped search space (tens of thousands of candidates, budgets of thousands of size steps) stays below it, and
 # its boolean table then takes at most this many bytes.
 MAX_EXACT_CELLS = 200_000_000
+# Selection compares p and alpha on these grids, so values that differ only by float noise (different reduction orders
+# across processes or machines, a few float32 ulps per step) are equal there and fall back to candidate order instead
+# of deciding the structure. A difference of 1e-4 in p is far below anything a search can tell apart.
+P_RESOLUTION = 1e-4
+ALPHA_RESOLUTION = 1e-4
+
+
+def _grid(values: Sequence[float], resolution: float) -> list[int]:
+    return [round(value / resolution) for value in values]
+
+
+def _ranking(p: Sequence[float], alpha: Sequence[float]) -> list[int]:
+    """Candidate indices in selection order: by descending p, then descending alpha (both on their grids), then
+    index."""
+    p_grid, alpha_grid = _grid(p, P_RESOLUTION), _grid(alpha, ALPHA_RESOLUTION)
+    return sorted(range(len(p)), key=lambda i: (-p_grid[i], -alpha_grid[i], i))
 
 
 def greedy_selection(p: Sequence[float], alpha: Sequence[float], sizes: Sequence[int], limit: int) -> list[int]:
     """Candidates by descending p (ties by descending alpha, then index), each kept while it still fits.
 
-    Alpha breaks ties because p = sigmoid((alpha - zeta) / tau) saturates in float32 and can hide an order that alpha
-    still has. A candidate that does not fit is skipped, so smaller ones further down may fill the budget.
+    p and alpha are compared on grids of P_RESOLUTION and ALPHA_RESOLUTION: near-ties are ties. Alpha breaks ties
+    because p = sigmoid((alpha - zeta) / tau) saturates in float32 and can hide an order that alpha still has. A
+    candidate that does not fit is skipped, so smaller ones further down may fill the budget.
     """
-    order = sorted(range(len(p)), key=lambda i: (-p[i], -alpha[i], i))
+    order = _ranking(p, alpha)
     chosen, total = [], 0
     for index in order:
         if total + sizes[index] <= limit:
@@ -38,24 +55,28 @@ def greedy_selection(p: Sequence[float], alpha: Sequence[float], sizes: Sequence
 def exact_selection(p: Sequence[float], alpha: Sequence[float], sizes: Sequence[int], limit: int) -> list[int]:
     """The set of largest sum of p whose sizes add up to at most `limit`: a 0/1 knapsack solved exactly.
 
-    Sizes and limit are divided by the sizes' greatest common divisor (in a transformer every candidate size is a
-    multiple of a hidden size, so the table stays small). Among sets of equal sum of p (float64 sums of the p
-    values), earlier candidates of the greedy order are preferred: items enter the table in that order and a later
-    item replaces the current best only when it is strictly better. Capacity left over after the table is filled in
-    the greedy order: it can only take candidates whose p adds nothing to the sum (p saturated to 0 in float32), which
-    alpha still ranks; without this, a search whose fitting candidates all ended at p = 0 would resolve to nothing.
+    p is rounded to the grid of P_RESOLUTION and summed as integer grid steps, so the sums are exact and two sets
+    whose sums differ only by float noise are equal. Among sets of equal sum, earlier candidates of the greedy order
+    (`greedy_selection`'s, grids included) are preferred: items enter the table in that order and a later item
+    replaces the current best only when it is strictly better. The result is therefore the exact optimum of the
+    rounded p; its raw sum of p is within len(p) * P_RESOLUTION / 2 of the raw optimum. Sizes and limit are divided
+    by the sizes' greatest common divisor (in a transformer every candidate size is a multiple of a hidden size, so
+    the table stays small). Capacity left over after the table is filled is filled in the greedy order: it can only
+    take candidates whose p adds nothing to the sum (p rounds to 0), which alpha still ranks; without this, a search
+    whose fitting candidates all ended at p = 0 would resolve to nothing.
     """
     step = reduce(math.gcd, sizes)
     capacity = limit // step
     weights = [size // step for size in sizes]
-    order = sorted(range(len(p)), key=lambda i: (-p[i], -alpha[i], i))
-    best = np.zeros(capacity + 1)
+    order = _ranking(p, alpha)
+    value = _grid(p, P_RESOLUTION)
+    best = np.zeros(capacity + 1, dtype=np.int64)
     taken = np.zeros((len(order), capacity + 1), dtype=bool)
     for row, index in enumerate(order):
         weight = weights[index]
         if weight > capacity:
             continue
-        with_item = best[: capacity + 1 - weight] + p[index]
+        with_item = best[: capacity + 1 - weight] + value[index]
         better = with_item > best[weight:]
         taken[row, weight:] = better
         best[weight:] = np.where(better, with_item, best[weight:])
@@ -78,10 +99,12 @@ def select(
 ) -> list[int]:
     """Indices (ascending) of the candidates kept within `limit` parameters, by `method` (one of SELECTION_METHODS).
 
-    `"exact"` maximises the sum of p (the paper's rule); `"greedy"` takes candidates by descending p while they fit,
-    which can lose against it when sizes differ (one large candidate of p 0.9 against two small ones of 0.85).
-    The exact table has len(p) x (limit / gcd(sizes)) cells; beyond MAX_EXACT_CELLS the greedy rule is used, with a
-    warning.
+    Near-ties are ties: both rules compare p (and alpha, which breaks ties of p) on grids of P_RESOLUTION and
+    ALPHA_RESOLUTION and break the remaining ties by candidate order, so float noise below those steps cannot change
+    the result. `"exact"` maximises the sum of p (the paper's rule); `"greedy"` takes candidates by descending p
+    while they fit, which can lose against it when sizes differ (one large candidate of p 0.9 against two small ones
+    of 0.85). The exact table has len(p) x (limit / gcd(sizes)) cells; beyond MAX_EXACT_CELLS the greedy rule is used,
+    with a warning.
     """
     if method not in SELECTION_METHODS:
         raise ValueError(f"method={method!r} is not allowed: choose one of {list(SELECTION_METHODS)}.")

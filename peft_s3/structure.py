@@ -14,7 +14,7 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
@@ -26,6 +26,14 @@ from .tuner.search_space import Candidate
 STRUCTURE_FILE = "s3_structure.json"
 
 LORA_POLICIES = ("raise", "drop", "approximate")
+
+# The heads that peft's PeftModelFor<task> appends to a config's modules_to_save itself (it extends the list, so a
+# config that already names them would list them twice); the search's config holds them after get_peft_model.
+TASK_HEAD_MODULES: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
 
 LORA_CONVERSION_LIMITS: dict[str, str] = {
     "adapter": (
@@ -155,7 +163,17 @@ class SearchedStructure:
         file = _structure_file(path)
         if not file.is_file():
             raise FileNotFoundError(f"No searched structure at {file}: expected {STRUCTURE_FILE} written by save().")
-        data = json.loads(file.read_text())
+        try:
+            data = json.loads(file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{file} is not valid JSON ({error}): it may be truncated. Write it again with "
+                "SearchedStructure.save()."
+            ) from None
+        if not isinstance(data, dict):
+            raise ValueError(
+                f"{file} holds a JSON {type(data).__name__}, not the object SearchedStructure.save writes."
+            )
         names = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING}
         required -= {f.name for f in dataclasses.fields(cls) if f.default_factory is not dataclasses.MISSING}
@@ -164,8 +182,8 @@ class SearchedStructure:
                 f"{file} is not a searched structure: unexpected keys {sorted(set(data) - names)}, missing keys "
                 f"{sorted(required - set(data))}."
             )
-        data["search_space"] = [ScoredCandidate(**row) for row in data["search_space"]]
-        data["modules"] = {name: ModuleInfo(**info) for name, info in data.get("modules", {}).items()}
+        data["search_space"] = [_scored_candidate(file, index, row) for index, row in enumerate(data["search_space"])]
+        data["modules"] = {name: _module_info(file, name, info) for name, info in data.get("modules", {}).items()}
         return cls(**data)
 
     @classmethod
@@ -185,6 +203,12 @@ class SearchedStructure:
         """
         if Path(repo_id_or_path).exists():
             return cls.load(Path(repo_id_or_path) / (subfolder or ""))
+        if isinstance(repo_id_or_path, Path) or str(repo_id_or_path).endswith(".json"):
+            # A Hub repo id names a repo, never a file; this is a local path that does not exist.
+            raise FileNotFoundError(
+                f"No searched structure at {str(repo_id_or_path)!r}: no such file or directory. Pass an existing "
+                f"local path (a .json file or a directory holding {STRUCTURE_FILE}) or a Hub repo id (owner/name)."
+            )
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import (
             EntryNotFoundError,
@@ -212,8 +236,9 @@ class SearchedStructure:
             ) from None
         except LocalEntryNotFoundError:
             raise FileNotFoundError(
-                f"{STRUCTURE_FILE} of {where} is not in the local Hugging Face cache and the Hub cannot be reached "
-                "(offline mode or no network). Fetch it once while online, or pass a local path."
+                f"There is no local path {str(repo_id_or_path)!r}, and as a Hub repo id its {STRUCTURE_FILE} is not "
+                "in the local Hugging Face cache while the Hub cannot be reached (offline mode or no network). Check "
+                "the path for a typo, or fetch the repo once while online."
             ) from None
         except (RepositoryNotFoundError, RevisionNotFoundError) as error:
             raise FileNotFoundError(f"No Hub repo {where}: {type(error).__name__}.") from None
@@ -283,8 +308,22 @@ class SearchedStructure:
 
     # ------------------------------------------------------------------------------------------- converters
 
+    def _own_modules_to_save(self) -> list[str]:
+        """modules_to_save without the task heads that peft adds for `task_type` itself, each name once."""
+        heads = TASK_HEAD_MODULES.get(self.task_type, ())
+        return [name for name in dict.fromkeys(self.modules_to_save or []) if name not in heads]
+
+    def _check_not_empty(self) -> None:
+        if not self.candidates:
+            raise ValueError(
+                f"This structure selects none of its {len(self.search_space)} candidates (every `selected` is false), "
+                "so there is nothing to build: a structure needs at least one selected candidate. Resolve the "
+                "search again with `peft_s3.resolve`."
+            )
+
     def to_peft_config(self) -> S3SearchConfig:
         """A fixed-structure S3SearchConfig that builds exactly these candidates, with the search's LoRA scaling."""
+        self._check_not_empty()
         kinds = {candidate.kind for candidate in self.candidates}
         return S3SearchConfig(
             structure=self.structure,
@@ -294,7 +333,7 @@ class SearchedStructure:
             lora_dropout=self.lora_dropout,
             adapter_rank=self.adapter_rank,
             adapter_activation=self.adapter_activation,
-            modules_to_save=None if self.modules_to_save is None else list(self.modules_to_save),
+            modules_to_save=self._own_modules_to_save() or None,
             task_type=self.task_type,
             base_model_name_or_path=self.base_model_name_or_path,
         )
@@ -316,7 +355,16 @@ class SearchedStructure:
         """
         if policy not in LORA_POLICIES:
             raise ValueError(f"policy={policy!r} is not allowed; choose one of {list(LORA_POLICIES)}.")
+        self._check_not_empty()
         ranks = self.structure
+        unknown = [module for module in ranks if module not in self.modules]
+        if unknown:
+            raise ValueError(
+                f"modules has no entry for {unknown[:3]}{' ...' if len(unknown) > 3 else ''} ({len(unknown)} of the "
+                f"structure's {len(ranks)} modules): the LoraConfig conversion needs a ModuleInfo (type, bias_params) "
+                "for every module with a selected candidate, as `peft_s3.resolve` writes them. Resolve the search "
+                "again, or retrain the structure with `apply_structure`, which does not need them."
+            )
         lora_ranks = {
             module: kinds["lora"]
             for module, kinds in ranks.items()
@@ -399,7 +447,7 @@ class SearchedStructure:
                 re.escape(m): self.lora_alpha * r / self.max_rank for m, r in lora_ranks.items() if r != self.max_rank
             },
             bias=bias,
-            modules_to_save=[*(self.modules_to_save or []), *norms_to_save] or None,
+            modules_to_save=[*self._own_modules_to_save(), *norms_to_save] or None,
         )
         approximated = {
             name: reason for name, reason in issues.items() if policy == "approximate" and name in approximable
@@ -424,6 +472,62 @@ class SearchedStructure:
 def _structure_file(path: Union[str, Path]) -> Path:
     path = Path(path)
     return path if path.suffix == ".json" else path / STRUCTURE_FILE
+
+
+# The JSON types of the fields of a saved candidate row and module entry.
+_ROW_TYPES: dict[str, tuple[type, ...]] = {
+    "module": (str,),
+    "kind": (str,),
+    "slot": (int,),
+    "num_params": (int,),
+    "stack": (str, type(None)),
+    "layer": (int, type(None)),
+    "position": (str,),
+    "p": (int, float),
+    "selected": (bool,),
+}
+_MODULE_TYPES: dict[str, tuple[type, ...]] = {"type": (str,), "bias_params": (int,)}
+
+
+def _has_type(value: Any, allowed: tuple[type, ...]) -> bool:
+    # bool is an int to Python, but true/false in the file is no count.
+    return isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+
+
+def _check_types(where: str, values: dict[str, Any], types: dict[str, tuple[type, ...]]) -> None:
+    for name, value in values.items():
+        if not _has_type(value, types[name]):
+            allowed = " or ".join("null" if t is type(None) else t.__name__ for t in types[name])
+            raise ValueError(f"{where}.{name}={value!r} is not allowed: it must be {allowed}.")
+
+
+def _scored_candidate(file: Path, index: int, row: Any) -> ScoredCandidate:
+    if not isinstance(row, dict):
+        raise ValueError(f"{file}: search_space[{index}] is a {type(row).__name__}, not a candidate object.")
+    fields = {f.name for f in dataclasses.fields(ScoredCandidate)}
+    missing, unexpected = sorted(fields - set(row)), sorted(set(row) - fields)
+    if missing or unexpected:
+        raise ValueError(
+            f"{file}: search_space[{index}] is not a scored candidate: missing keys {missing}, unexpected keys "
+            f"{unexpected}. Each row needs exactly {sorted(fields)}."
+        )
+    where = f"{file}: search_space[{index}]"
+    _check_types(where, row, _ROW_TYPES)
+    if row["kind"] not in CANDIDATE_KINDS:
+        raise ValueError(f"{where}.kind={row['kind']!r} is not allowed: choose one of {list(CANDIDATE_KINDS)}.")
+    if row["num_params"] < 1:
+        raise ValueError(f"{where}.num_params={row['num_params']!r} is not allowed: it must be >= 1.")
+    return ScoredCandidate(**row)
+
+
+def _module_info(file: Path, name: str, info: Any) -> ModuleInfo:
+    if not isinstance(info, dict) or set(info) != set(_MODULE_TYPES):
+        raise ValueError(
+            f"{file}: modules[{name!r}]={info!r} is not allowed: it must be an object with keys "
+            f"{sorted(_MODULE_TYPES)}."
+        )
+    _check_types(f"{file}: modules[{name!r}]", info, _MODULE_TYPES)
+    return ModuleInfo(**info)
 
 
 def apply_structure(

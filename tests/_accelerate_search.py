@@ -42,12 +42,15 @@ def search(bilevel: str, output_dir: str) -> tuple[peft_s3.S3SearchTrainer, dict
     model = search_model(init_weights=False)
     trainer = peft_s3.S3SearchTrainer(model=model, args=args, train_dataset=MarkerTask(96), bilevel=bilevel)
     trainer.train()
+    structure = peft_s3.resolve(model)
     result = {
         "world_size": args.world_size,
         "wrapper": type(trainer.model_wrapped).__name__,
         "alpha": alpha_of(model).detach().tolist(),
         "p": model.base_model.gate_probabilities().tolist(),
-        "structure": peft_s3.resolve(model).structure,
+        "structure": structure.structure,
+        "selected": [candidate.selected for candidate in structure.search_space],
+        "resolved_p": [candidate.p for candidate in structure.search_space],
         "alpha_losses": [entry["s3/alpha_loss"] for entry in trainer.state.log_history if "s3/alpha_loss" in entry],
     }
     return trainer, result

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from peft_s3.selection import P_RESOLUTION
 from peft_s3.trainer import BILEVEL_MODES
 
 SCRIPT = Path(__file__).with_name("_accelerate_search.py")
@@ -18,6 +19,20 @@ SCRIPT = Path(__file__).with_name("_accelerate_search.py")
 # reductions (two half-batch means averaged instead of one mean), a few float32 ulps per step.
 ALPHA_TOLERANCE = 1e-5
 TIMEOUT = 300
+
+
+def assert_same_structure_up_to_near_ties(first: dict, second: dict) -> None:
+    """The two runs resolve to the same structure, or to structures that differ only where p is tied to the
+    selection's resolution: each is then as good as the other under either run's p, within half a grid step per
+    differing candidate. (Selection compares p on a grid, so float noise flips a choice only when a p lies on a
+    grid boundary.)"""
+    if first["structure"] == second["structure"]:
+        return
+    chosen = [{i for i, selected in enumerate(run["selected"]) if selected} for run in (first, second)]
+    differing = len(chosen[0] ^ chosen[1])
+    for p in (first["resolved_p"], second["resolved_p"]):
+        sums = [sum(p[i] for i in indices) for indices in chosen]
+        assert abs(sums[0] - sums[1]) <= differing * P_RESOLUTION, (first["structure"], second["structure"])
 
 
 def _free_port() -> int:
@@ -56,7 +71,7 @@ def test_two_process_search_matches_single_process(tmp_path):
         torch.testing.assert_close(
             torch.tensor(parallel[mode]["alpha_losses"]), torch.tensor(single[mode]["alpha_losses"]), atol=1e-5, rtol=0
         )
-        assert parallel[mode]["structure"] == single[mode]["structure"]
+        assert_same_structure_up_to_near_ties(single[mode], parallel[mode])
 
 
 FSDP_SCRIPT = """

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -16,7 +18,8 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
-from peft_s3 import S3SearchConfig, apply_structure, resolve
+from peft_s3 import S3SearchConfig, SearchedStructure, apply_structure, resolve
+from peft_s3.gate_report import gate_report
 
 BUDGET = 300
 
@@ -136,3 +139,85 @@ def test_temperatures_must_be_finite_and_positive(name, value):
 def test_an_exclusion_that_empties_the_space_is_named():
     with pytest.raises(ValueError, match=r"exclude_modules='\.\*' excludes every module"):
         get_peft_model(TINY_MODELS["bert"](), S3SearchConfig(budget=BUDGET, exclude_modules=".*"))
+
+
+def _trained_structure() -> SearchedStructure:
+    model = _search_model()
+    with torch.no_grad():
+        alpha = model.base_model.s3_alpha["default"]
+        alpha.copy_(torch.randn(alpha.shape, generator=torch.Generator().manual_seed(0)))
+    return resolve(model)
+
+
+def test_resolve_warns_about_a_search_that_never_trained():
+    with pytest.warns(UserWarning, match=r"same alpha .*the search has not trained"):
+        resolve(_search_model())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        _trained_structure()
+
+
+def test_a_truncated_structure_file_is_named(tmp_path):
+    file = _trained_structure().save(tmp_path)
+    file.write_text(file.read_text()[:100])
+    with pytest.raises(ValueError, match=rf"{file} is not valid JSON .*truncated"):
+        SearchedStructure.load(file)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda row: row.pop("kind"), r" is not a scored candidate: missing keys \['kind'\]"),
+        (lambda row: row.update(num_params="12"), r"\.num_params='12' is not allowed: it must be int"),
+        (lambda row: row.update(num_params=True), r"\.num_params=True is not allowed: it must be int"),
+        (lambda row: row.update(kind="prefix"), r"\.kind='prefix' is not allowed: choose one of \['lora'"),
+    ],
+)
+def test_a_malformed_structure_row_is_named(tmp_path, edit, message):
+    file = _trained_structure().save(tmp_path)
+    data = json.loads(file.read_text())
+    edit(data["search_space"][0])
+    file.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=rf"{file}: search_space\[0\]{message}"):
+        SearchedStructure.load(file)
+
+
+def test_a_structure_without_selected_candidates_is_refused():
+    structure = _trained_structure()
+    empty = dataclasses.replace(
+        structure, search_space=[dataclasses.replace(c, selected=False) for c in structure.search_space]
+    )
+    for convert in (empty.to_peft_config, empty.to_lora_config, lambda: apply_structure(TINY_MODELS["bert"](), empty)):
+        with pytest.raises(ValueError, match=r"selects none of its \d+ candidates.*at least one selected candidate"):
+            convert()
+
+
+def test_lora_conversion_without_module_infos_is_refused():
+    structure = dataclasses.replace(_trained_structure(), modules={})
+    with pytest.raises(ValueError, match=r"modules has no entry for .*needs a ModuleInfo"):
+        structure.to_lora_config(policy="drop")
+
+
+def test_a_string_target_module_that_matches_nothing_explains_the_regex():
+    with pytest.raises(ValueError, match=r"whole module name.*pass a list: \['query'\]"):
+        get_peft_model(TINY_MODELS["bert"](), S3SearchConfig(budget=BUDGET, target_modules="query"))
+    # A list is matched by name, as in peft.
+    get_peft_model(TINY_MODELS["bert"](), S3SearchConfig(budget=BUDGET, target_modules=["query"]))
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda row: row.pop("kind"), r"Row 0 of the gate report lacks \['kind'\]"),
+        (
+            lambda row: row.update(num_params="12"),
+            r"Row 0 of the gate report .* has num_params='12': it must be an int",
+        ),
+        (lambda row: row.update(alpha=None), r"Row 0 of the gate report .* has alpha=None: it must be a number"),
+    ],
+)
+def test_a_malformed_gate_report_row_is_named(edit, message):
+    report = gate_report(_search_model())
+    edit(report["candidates"][0])
+    with pytest.raises(ValueError, match=message):
+        resolve(report)

@@ -76,3 +76,14 @@ def test_neither_path_nor_repo_id_is_named(offline_hub_cache: Path) -> None:
 def test_revision_with_a_structure_object_is_refused(structure: SearchedStructure) -> None:
     with pytest.raises(ValueError, match="revision='main' applies to a structure given by repo id or path"):
         apply_structure(TINY_MODELS["bert"](), structure, revision="main")
+
+
+@pytest.mark.parametrize("path", ["out/x.json", "out/s3_structure.json"])
+def test_a_missing_local_json_path_is_not_taken_for_a_repo_id(offline_hub_cache: Path, path: str) -> None:
+    with pytest.raises(FileNotFoundError, match=rf"No searched structure at '{path}': no such file or directory"):
+        SearchedStructure.from_pretrained(path)
+
+
+def test_a_missing_path_that_looks_like_a_repo_id_names_both_readings(offline_hub_cache: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"There is no local path 'out/x', and as a Hub repo id .*typo"):
+        SearchedStructure.from_pretrained("out/x")

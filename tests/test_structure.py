@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import TASK_TYPES, TINY_MODELS, make_batch
 from huggingface_hub import HfApi, ModelCard
+from test_trainer import MarkerTask, arguments, search_model
 from transformers import BertConfig, BertForSequenceClassification
 
 import peft_s3
@@ -213,6 +214,26 @@ def test_gate_report_and_structure_round_trip(tmp_path: Path) -> None:
         SearchedStructure.load(tmp_path / "broken.json")
 
 
+def test_a_mid_search_checkpoint_resolves_alike_from_its_directory_and_its_loaded_model(tmp_path: Path) -> None:
+    # A default search anneals tau and the expected size over its first half; checkpoint-2 of 4 is inside that.
+    model = search_model(budget=0.02)
+    args = arguments(tmp_path, max_steps=4, save_strategy="steps", save_steps=2)
+    peft_s3.S3SearchTrainer(model=model, args=args, train_dataset=MarkerTask(64)).train()
+    checkpoint = tmp_path / "checkpoint-2"
+    from_directory = resolve(checkpoint)
+    from_model = resolve(peft.PeftModel.from_pretrained(TINY_MODELS["bert"](), checkpoint))
+
+    stored_p = [row["p"] for row in load_gate_report(checkpoint)["candidates"]]
+    # The checkpoint's report holds p at the annealed settings, far from the p at the config's.
+    assert max(abs(stored - c.p) for stored, c in zip(stored_p, from_model.search_space, strict=True)) > 0.1
+    assert from_directory.structure == from_model.structure
+    assert [c.p for c in from_directory.search_space] == [c.p for c in from_model.search_space]
+    # At the end of the search the schedules are over: the report's p are those resolve ranks by.
+    final = resolve(tmp_path / "checkpoint-4")
+    stored_final = [row["p"] for row in load_gate_report(tmp_path / "checkpoint-4")["candidates"]]
+    assert [c.p for c in final.search_space] == pytest.approx(stored_final, abs=1e-6)
+
+
 def test_table_and_markdown_list_each_module_and_kind() -> None:
     model = _search(budget=200, max_rank=2)
     query, layer_norm = f"{BERT_LAYER}attention.self.query", f"{BERT_LAYER}output.LayerNorm"
@@ -315,6 +336,18 @@ def test_lora_structure_converts_exactly_with_the_search_scaling() -> None:
     base.classifier.load_state_dict(head.state_dict())
     assert not torch.allclose(_logits(retrain), _logits(base), atol=1e-2)
     assert torch.allclose(_logits(lora), _logits(retrain), atol=1e-6)
+
+
+@pytest.mark.parametrize("to_config", ["to_lora_config", "to_peft_config"])
+def test_converted_seq_cls_configs_list_each_module_to_save_once(to_config: str) -> None:
+    # peft appends the classification heads to a SEQ_CLS config's modules_to_save itself.
+    model = _search(budget=96, candidate_kinds=["lora"], modules_to_save=["pooler.dense"])
+    _prefer(model, [f"{BERT_LAYER}attention.self.query:lora[0]"])
+    structure = resolve(model)
+    assert structure.task_type == "SEQ_CLS"
+    config = getattr(structure, to_config)()
+    peft.get_peft_model(TINY_MODELS["bert"](), config)
+    assert config.modules_to_save == ["pooler.dense", "classifier", "score"]
 
 
 def test_mix_structure_converts_exactly_when_lora_config_can_express_it() -> None:

@@ -256,3 +256,16 @@ class S3SearchConfig(PeftConfig):
 
 def _is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def string_pattern_hint(patterns: Optional[Union[list[str], str]]) -> str:
+    """For an error about module patterns that matched nothing: what a string means to peft, and the likely intent."""
+    if not isinstance(patterns, str):
+        return ""
+    hint = " A string is a regular expression that must match the whole module name (peft's convention)"
+    if all(part.isidentifier() for part in patterns.split(".")):
+        return (
+            f"{hint}, so {patterns!r} matches only a module whose full name is exactly {patterns!r}. To match every "
+            f"module whose name ends in it, pass a list: [{patterns!r}]."
+        )
+    return f"{hint}. Match the full name (e.g. r'.*\\.q_proj') or pass a list of names."

@@ -13,7 +13,7 @@ from torch import nn
 from torch.nn.utils.parametrize import ParametrizationList
 from transformers.pytorch_utils import Conv1D
 
-from .config import S3SearchConfig
+from .config import S3SearchConfig, string_pattern_hint
 
 # Token mixers: attentions, and the state-space mixers that stand in for them (Mamba's MambaMixer, Granite-MoE-Hybrid's
 # GraniteMoeHybridMambaLayer).
@@ -405,6 +405,7 @@ def _check_patterns_match(
         examples = sorted({path.rsplit(".", 1)[-1] for path, module in named if accepts(module)})[:12]
         raise ValueError(
             f"{field_name}={patterns!r} matches no {what} of this model. Names of {what}s here include: {examples}."
+            + string_pattern_hint(patterns)
         )
 
 
