@@ -352,9 +352,17 @@ def test_resume_is_bit_identical_to_an_uninterrupted_search(tmp_path, option):
 
 
 # First order (2 passes per micro-batch pair) is checked by the gradient-accumulation test below.
-@pytest.mark.parametrize(("finite_difference", "passes"), [("central", 4), ("forward", 3)])
-def test_second_order_passes_per_step_share_one_gate_sample(tmp_path, finite_difference, passes):
-    """The cost of a step in passes: Algorithm 1 computes grad_delta L_delta(delta, alpha) once in second order."""
+@pytest.mark.parametrize(
+    ("options", "passes"),
+    [
+        ({"finite_difference": "central"}, 4),
+        ({"finite_difference": "forward"}, 3),
+        ({"unrolled_learning_rate": 0.0}, 2),
+    ],
+)
+def test_second_order_passes_per_step_share_one_gate_sample(tmp_path, options, passes):
+    """The cost of a step in passes: Algorithm 1 computes grad_delta L_delta(delta, alpha) once in second order, and
+    with xi = 0 there is nothing to difference."""
     model = search_model(init_weights=False)
     noises = []
     model.base_model.model.register_forward_pre_hook(
@@ -365,7 +373,7 @@ def test_second_order_passes_per_step_share_one_gate_sample(tmp_path, finite_dif
         args=arguments(tmp_path, max_steps=2, per_device_train_batch_size=4, gradient_accumulation_steps=2),
         train_dataset=MarkerTask(64),
         bilevel="second_order",
-        finite_difference=finite_difference,
+        **options,
     )
     trainer.train()
     per_step = 2 * passes  # two micro-batches each
@@ -377,6 +385,80 @@ def test_second_order_passes_per_step_share_one_gate_sample(tmp_path, finite_dif
     assert not torch.equal(noises[0], noises[per_step])
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(0 < loss < 5 for loss in losses)
+
+
+# Model passes (forward + backward) per optimizer step, counted over a run of 4 steps; a plain LoRA step is one.
+COUNTED_PASSES = {
+    "first_order": ({"bilevel": "first_order"}, 2.0),
+    "second_order_central": ({}, 4.0),
+    "second_order_forward": ({"finite_difference": "forward"}, 3.0),
+    "zero_correction": ({"unrolled_learning_rate": 0.0}, 2.0),
+    "second_order_every_2": ({"alpha_update_interval": 2}, 2.5),
+    "first_order_every_2": ({"bilevel": "first_order", "alpha_update_interval": 2}, 1.5),
+    "first_order_every_4": ({"bilevel": "first_order", "alpha_update_interval": 4}, 1.25),
+    "zero_correction_every_2": ({"unrolled_learning_rate": 0.0, "alpha_update_interval": 2}, 1.5),
+    "zero_correction_every_4": ({"unrolled_learning_rate": 0.0, "alpha_update_interval": 4}, 1.25),
+}
+
+
+@pytest.mark.parametrize("setting", COUNTED_PASSES)
+def test_passes_per_optimizer_step_counted_over_a_run(tmp_path, setting):
+    options, passes = COUNTED_PASSES[setting]
+    model = search_model(init_weights=False)
+    calls = []
+    model.base_model.model.register_forward_pre_hook(lambda module, args: calls.append(module.training))
+    trainer = S3SearchTrainer(
+        model=model, args=arguments(tmp_path, max_steps=4), train_dataset=MarkerTask(64), **options
+    )
+    trainer.train()
+    assert all(calls) and len(calls) / trainer.state.global_step == passes
+
+
+def test_seeded_passes_share_dropout_masks_and_forward_agrees_with_central(tmp_path, monkeypatch):
+    """Issue 24: with dropout on, every pass over a D_delta micro-batch in a second-order step sees the same masks,
+    so the forward difference agrees with the central one within 5 % (the gate noise, drawn lazily in the first
+    seeded pass, used to take its dropout stream)."""
+    corrections, masks = [], []
+
+    def recorded(*args, **kwargs):
+        result = second_order_alpha_gradient(*args, **kwargs)
+        corrections.append(result.correction)
+        return result
+
+    monkeypatch.setattr(peft_s3.trainer, "second_order_alpha_gradient", recorded)
+
+    def step(finite_difference: str) -> list[list[torch.Tensor]]:
+        model = search_model(init_weights=False)
+        passes = []
+        model.base_model.model.register_forward_pre_hook(lambda module, args: passes.append([]))
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.1
+                module.register_forward_hook(lambda module, args, output: passes[-1].append(output == 0))
+        args = arguments(
+            tmp_path / finite_difference, max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=2
+        )
+        trainer = S3SearchTrainer(
+            model=model,
+            args=args,
+            train_dataset=MarkerTask(64),
+            finite_difference=finite_difference,
+        )
+        trainer.train()
+        return passes
+
+    masks = step("central")
+    # Two micro-batches: delta 0, delta 1, D_alpha 0, D_alpha 1, delta+ 0, delta+ 1, delta- 0, delta- 1.
+    assert len(masks) == 8
+    for first, later in [(0, 4), (0, 6), (1, 5), (1, 7)]:
+        assert all(torch.equal(a, b) for a, b in zip(masks[first], masks[later], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(masks[0], masks[1], strict=True))
+    forward_masks = step("forward")
+    assert len(forward_masks) == 6
+    assert all(torch.equal(a, b) for a, b in zip(forward_masks[0], forward_masks[4], strict=True))
+    central, forward = corrections
+    assert central.norm() > 0
+    assert (forward - central).norm() <= 0.05 * central.norm()
 
 
 def test_second_order_delta_update_descends_the_gradient_before_the_alpha_update(tmp_path):
