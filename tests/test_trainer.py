@@ -236,7 +236,7 @@ def test_second_order_gradient_matches_exact_unrolled_gradient(tmp_path, finite_
         with seeded(8):
             (direct,) = torch.autograd.grad(functional_call(model, detached, kwargs=search_batch).loss, alpha)
         before = [p.detach().clone() for p in deltas]
-        _, delta_gradient, delta_losses = second_order_alpha_gradient(
+        _, delta_gradient, delta_losses, _ = second_order_alpha_gradient(
             trainer._loss_shares(model, [delta_batch], None),
             trainer._loss_shares(model, [search_batch], None),
             alpha,
