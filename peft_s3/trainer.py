@@ -344,13 +344,16 @@ class S3SearchTrainer(Trainer):
             `eval_strategy` / `eval_steps` on `eval_dataset`, gates fixed to its 0/1 mask with the current deltas)
             and keep the best by `args.metric_for_best_model` (default: the loss) in `best_structure`, as the paper
             does every I_eval steps. Needs an eval_dataset and an eval_strategy; the end of the search is evaluated
-            too.
+            too. Checkpoints keep the evaluations so far and the best structure (`s3_best_structure.json`), as they
+            keep every other part of the search's state, so a resumed search continues exactly where it was.
         stop_when_stable: stop the search once the structure `resolve` would pick has not changed for this many
             optimizer steps after the annealing ended (None: run all steps).
         close_unfittable: after the annealing, close the gates of candidates that no longer fit beside the decided
-            ones (`GateBank.close_unfittable`), so the expected size moves to candidates `resolve` can take (default;
-            benchmarks/README.md, "Closing the gates that cannot fit", has what it changed).
-        close_overflow: with close_unfittable, when the decided candidates together exceed the budget, close those
+            ones (`GateBank.close_unfittable`: decided are those `resolve` would pick now at p >= 0.5, by
+            `selection_method`), so the expected size moves to candidates `resolve` can take; it never closes one
+            `resolve` would pick (default; benchmarks/README.md, "Closing the gates that cannot fit", has what it
+            changed).
+        close_overflow: with close_unfittable, when the candidates at p >= 0.5 together exceed the budget, close those
             `resolve` would drop too, instead of waiting. Off by default: it ends searches more decided (the main
             command's on every seed tried), but tied the default on the paired grid's accuracy with means below it
             (benchmarks/README.md, "When the decided candidates overflow the budget").
