@@ -861,7 +861,7 @@ class S3SearchTrainer(Trainer):
     def _search_state(self) -> dict[str, Any]:
         """What the search holds beyond alpha, its optimizer and the data streams, for a resume bit for bit."""
         return {
-            # The shift solver's warm start: its float32 result can depend on it in the last bit.
+            # The shift solver's warm start, so that the resumed solves start from where the uninterrupted ones do.
             "zeta": None if self._bank.zeta is None else self._bank.zeta.clone(),
             "stable_resolved": self._stable_resolved,
             "stable_since": self._stable_since,
