@@ -359,6 +359,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_search(tmp_path, option):
         ({"finite_difference": "forward"}, 3),
         ({"unrolled_learning_rate": 0.0}, 2),
     ],
+    ids=["central", "forward", "zero_correction"],
 )
 def test_second_order_passes_per_step_share_one_gate_sample(tmp_path, options, passes):
     """The cost of a step in passes: Algorithm 1 computes grad_delta L_delta(delta, alpha) once in second order, and
