@@ -10,9 +10,14 @@ AdamW, learning-rate schedule, as `transformers.Trainer` does), through the code
 * `s3_first_order` / `s3_second_order` / `s3_second_order_forward`: a full bi-level optimizer step of
   `S3SearchTrainer` (alpha update on a D_alpha batch, then the delta update); second order with the central finite
   difference of eq. 13 (the default) and with the forward difference.
-* `s3_second_order_k2` / `_k4`: second order with alpha updated every 2nd / 4th step (`alpha_update_interval`),
-  the mean over k consecutive steps.
+* `s3_second_order_zero`: second order with a zero correction (`unrolled_learning_rate=0`): second order's step
+  order without the virtual step and the Hessian term, so without finite-difference passes.
+* `..._k2` / `..._k4` (of `s3_first_order`, `s3_second_order` and `s3_second_order_zero`): alpha updated every 2nd /
+  4th step (`alpha_update_interval`), the mean over k consecutive steps.
 * `retrain`: training the fixed structure resolved from the search (`peft_s3.apply_structure`).
+
+Besides time, each step configuration reports its model passes per optimizer step, counted with a forward pre-hook
+on the backbone over all its steps (a plain LoRA step is one pass; issue 24's target for a default search is 1.5).
 
 After warm-up the configurations are timed interleaved (A B C ... A B C ...), so a change of machine load hits all of
 them alike; ratios to `lora` are the median (and quartiles) of the per-round ratios. Peak memory is measured with each
@@ -67,20 +72,27 @@ from peft_s3.structure import SearchedStructure
 from peft_s3.tuner.gates import global_probabilities, solve_zeta
 from peft_s3.tuner.search_space import build_search_space, signature
 
-# Second order with alpha updated every k-th step (`alpha_update_interval`): a round times k steps, one with alpha.
-ALPHA_INTERVALS = {"s3_second_order_k2": 2, "s3_second_order_k4": 4}
+# Alpha updated every k-th step (`alpha_update_interval`): a round times k steps, one with alpha.
+ALPHA_INTERVALS = {
+    f"{name}_k{interval}": interval
+    for name in ("s3_first_order", "s3_second_order", "s3_second_order_zero")
+    for interval in (2, 4)
+}
 CONFIGS = (
     "lora",
     "s3_gated",
     "s3_first_order",
     "s3_second_order",
     "s3_second_order_forward",
+    "s3_second_order_zero",
     *ALPHA_INTERVALS,
     "retrain",
 )
 REFERENCE = "lora"
 # Issue 12's targets, at every model size.
 TIME_TARGETS = {"s3_gated": 1.1, "s3_first_order": 2.1, "s3_second_order": 4.1}
+# Issue 24's target for the default search: model passes per optimizer step, per pass of a plain LoRA step.
+PASSES_TARGET = 1.5
 MEMORY_TARGET = 1.15
 MEMORY_TARGET_CONFIGS = ("s3_first_order", "s3_second_order", "s3_second_order_forward")
 ZETA_TARGET_MS = 1.0
@@ -306,6 +318,7 @@ def build_trainer(
             search_dataset=rows,
             bilevel="second_order" if name.startswith("s3_second_order") else "first_order",
             finite_difference="forward" if name == "s3_second_order_forward" else "central",
+            unrolled_learning_rate=0.0 if name.startswith("s3_second_order_zero") else None,
             # A gated step is the delta update of an alpha warm-up step: no alpha update before the last step.
             alpha_warmup_steps=1_000_000 - 1 if name == "s3_gated" else 0,
             alpha_update_interval=ALPHA_INTERVALS.get(name, 1),
@@ -346,17 +359,27 @@ def quartiles(values: Sequence[float]) -> tuple[float, float, float]:
 
 def time_steps(
     trainers: dict[str, Trainer], batch: dict[str, torch.Tensor], device: str, warmup: int, rounds: int
-) -> dict[str, list[float]]:
-    """Seconds per optimizer step of each configuration, measured in interleaved rounds after `warmup` steps.
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Seconds per optimizer step of each configuration, measured in interleaved rounds after `warmup` steps, and
+    its model passes per optimizer step, counted over the same rounds.
 
     A round of a configuration that updates alpha every k-th step times k consecutive steps (exactly one of which
     updates alpha) and counts their mean.
     """
     names = list(trainers)
+    passes: dict[str, int] = {}
+    for name in names:
+
+        def count(module: nn.Module, args: Any, name: str = name) -> None:
+            if name in passes:  # from the timed rounds on
+                passes[name] += 1
+
+        trainers[name].model.get_base_model().register_forward_pre_hook(count)
     for name in names:
         for _ in range(warmup):
             optimizer_step(trainers[name], batch)
     synchronize(device)
+    passes.update(dict.fromkeys(names, 0))
     times: dict[str, list[float]] = {name: [] for name in names}
     for index in range(rounds):
         # Rotating the order keeps any configuration from always following the same neighbour.
@@ -367,11 +390,12 @@ def time_steps(
                 optimizer_step(trainers[name], batch)
             synchronize(device)
             times[name].append((time.perf_counter() - start) / steps)
-    return times
+    return times, {name: count / (rounds * ALPHA_INTERVALS.get(name, 1)) for name, count in passes.items()}
 
 
-def step_summary(times: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
-    """Median and quartiles per configuration, and its per-round ratio to the reference step."""
+def step_summary(times: dict[str, list[float]], passes: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """Median and quartiles per configuration, its per-round ratio to the reference step, and its counted passes per
+    optimizer step."""
     summary = {}
     for name, values in times.items():
         q1, median, q3 = quartiles(values)
@@ -385,6 +409,8 @@ def step_summary(times: dict[str, list[float]]) -> dict[str, dict[str, Any]]:
             "ratio_q1": r1,
             "ratio_q3": r3,
             "ratio_of_medians": median / statistics.median(times[REFERENCE]),
+            "passes_per_step": passes[name],
+            "passes_ratio": passes[name] / passes[REFERENCE],
             "times_ms": [1e3 * value for value in values],
         }
     return summary
@@ -667,6 +693,13 @@ def _timing_cells(row: dict[str, Any]) -> list[str]:
     ]
 
 
+def passes_verdict(name: str, passes_ratio: float) -> str:
+    """Whether a configuration that searches (updates alpha) meets issue 24's passes target; blank for the others."""
+    if not name.startswith("s3_") or name == "s3_gated":
+        return ""
+    return "yes" if passes_ratio <= PASSES_TARGET else "no"
+
+
 def markdown(results: dict[str, Any]) -> str:
     settings, machine = results["settings"], results["machine"]
     lines = [
@@ -686,15 +719,17 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     if results.get("steps"):
         lines += [
-            "| step | median ms | IQR ms | ratio to LoRA (median of rounds) | IQR of ratio | target |",
-            "|---|---:|---:|---:|---:|---|",
+            "| step | median ms | IQR ms | ratio to LoRA (median of rounds) | IQR of ratio | target | passes per "
+            f"optimizer step, counted (LoRA = 1) | <= {PASSES_TARGET} passes |",
+            "|---|---:|---:|---:|---:|---|---:|---|",
         ]
     for name, row in results.get("steps", {}).items():
         target = TIME_TARGETS.get(name)
         verdict = "" if target is None else f"<= {target} ({'met' if row['ratio'] <= target else 'missed'})"
         lines.append(
             f"| {name} | {row['median_ms']:.1f} | {row['q1_ms']:.1f}-{row['q3_ms']:.1f} | {row['ratio']:.2f} | "
-            f"{row['ratio_q1']:.2f}-{row['ratio_q3']:.2f} | {verdict} |"
+            f"{row['ratio_q1']:.2f}-{row['ratio_q3']:.2f} | {verdict} | {row['passes_ratio']:.2f} | "
+            f"{passes_verdict(name, row['passes_ratio'])} |"
         )
     if results.get("memory"):
         measure = next(iter(results["memory"].values()))["measure"]
@@ -838,7 +873,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if "steps" not in args.skip:
         with tempfile.TemporaryDirectory() as output_dir:
             trainers = {name: build_trainer(name, settings, batch, output_dir, structure) for name in names}
-            results["steps"] = step_summary(time_steps(trainers, batch, settings.device, args.warmup, args.rounds))
+            results["steps"] = step_summary(*time_steps(trainers, batch, settings.device, args.warmup, args.rounds))
         del trainers
         gc.collect()
     if "memory" not in args.skip:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from accelerate.utils import reduce
@@ -106,6 +106,20 @@ def first_order_alpha_gradient(
     return loss
 
 
+class UnrolledGradient(NamedTuple):
+    """What `second_order_alpha_gradient` computed besides alpha.grad."""
+
+    search_loss: torch.Tensor
+    """L_alpha at the unrolled delta'."""
+    delta_gradient: list[torch.Tensor]
+    """grad_delta L_delta(delta, alpha) (process-averaged), for the delta step."""
+    delta_losses: list[torch.Tensor]
+    """The D_delta micro-batch losses (shares) that gradient came from."""
+    correction: torch.Tensor
+    """xi times the Hessian-vector product of eq. 13, the term subtracted from grad_alpha L_alpha(delta', alpha)
+    (zeros when xi = 0)."""
+
+
 def second_order_alpha_gradient(
     delta_loss_fn: Callable[[Any], torch.Tensor],
     search_loss_fn: Callable[[Any], torch.Tensor],
@@ -117,18 +131,28 @@ def second_order_alpha_gradient(
     xi: float,
     finite_difference: str = "central",
     finite_difference_epsilon: float = 0.01,
-) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+) -> UnrolledGradient:
     """Set alpha.grad to DARTS' unrolled gradient (eq. 13), with L_delta from `delta_loss_fn` over `delta_batches`
     and L_alpha from `search_loss_fn` over `search_batches`.
 
-    Returns L_alpha at the unrolled delta', grad_delta L_delta(delta, alpha) (process-averaged), and the D_delta
-    micro-batch losses it came from. Only the delta tensors are perturbed, in place, and copied back from a
-    snapshot, so the model ends bit for bit where it started, with no gradients set. Every pass over D_delta
-    micro-batch i runs with the RNG seeded by step_seed + 2 i (and D_alpha's by step_seed + 2 i + 1), so the
-    passes of the finite difference see the same dropout masks.
+    Only the delta tensors are perturbed, in place, and copied back from a snapshot, so the model ends bit for bit
+    where it started, with no gradients set. Every pass over D_delta micro-batch i runs with the RNG seeded by
+    step_seed + 2 i (and D_alpha's by step_seed + 2 i + 1), so the passes of the finite difference see the same
+    dropout masks; anything else random that the passes share (the gate noise) must be drawn before the call.
+
+    With xi = 0 there is no virtual step and no correction: one pass over D_delta (for the delta step) and one over
+    D_alpha at the same delta, the step order of second order at the cost of first order.
     """
     delta_seeds = [step_seed + 2 * index for index in range(len(delta_batches))]
     search_seeds = [step_seed + 2 * index + 1 for index in range(len(search_batches))]
+    if xi == 0:
+        with requires_grad([alpha], False):
+            delta_losses = _accumulate_gradients(delta_loss_fn, delta_batches, delta_seeds)
+        delta_gradient = _pop_gradients(deltas)
+        with requires_grad(deltas, False):
+            loss = torch.stack(_accumulate_gradients(search_loss_fn, search_batches, search_seeds)).sum()
+        alpha.grad = _pop_gradients([alpha])[0]
+        return UnrolledGradient(loss, delta_gradient, delta_losses, torch.zeros_like(alpha.grad))
     forward = finite_difference == "forward"
     snapshot = [p.detach().clone() for p in deltas]
     try:
@@ -153,10 +177,11 @@ def second_order_alpha_gradient(
             hessian_vector = (curvature[0] - base) / epsilon
         else:
             hessian_vector = (curvature[0] - curvature[1]) / (2 * epsilon)
-        alpha.grad = direct - xi * hessian_vector
+        correction = xi * hessian_vector
+        alpha.grad = direct - correction
     finally:
         with torch.no_grad():
             for parameter, start in zip(deltas, snapshot, strict=True):
                 parameter.copy_(start)
                 parameter.grad = None
-    return loss, delta_gradient, delta_losses
+    return UnrolledGradient(loss, delta_gradient, delta_losses, correction)

@@ -57,6 +57,8 @@ BILEVEL_MODES = ("first_order", "second_order")
 # transformers scheduler types that need nothing but a step count.
 ALPHA_LR_SCHEDULER_TYPES = ("linear", "cosine", "constant")
 SEARCH_STATE_NAME = "s3_search_state.pt"
+# With select_on_validation, the best structure so far, in a checkpoint (`SearchedStructure.save`'s JSON).
+BEST_STRUCTURE_NAME = "s3_best_structure.json"
 _DEFAULT_SEARCH_SPLIT = 0.5
 
 
@@ -311,9 +313,13 @@ class S3SearchTrainer(Trainer):
             takes two forward/backward passes (alpha on D_alpha, then delta on D_delta at the updated alpha). Second
             order follows Algorithm 1 and footnote 6: it computes grad_delta L_delta(delta, alpha) once, for the
             virtual step and for the delta update, which makes four passes with the central difference of eq. 13
-            and three with the forward difference.
+            and three with the forward difference (two when xi is 0, see `unrolled_learning_rate`).
         unrolled_learning_rate: xi of eqs. 11-13, the step size of the virtual delta update. Default: the delta
-            learning rate in force at that step (the Trainer's schedule), as the paper defines xi.
+            learning rate in force at that step (the Trainer's schedule), as the paper defines xi. 0 drops the
+            virtual step and with it the Hessian term: second order then takes two passes per step, like first
+            order, but keeps second order's step order (the delta gradient taken at the alpha before its update, one
+            gate sample and one dropout mask per micro-batch shared by both passes). A step whose scheduled delta
+            learning rate is 0 (the first step of a warm-up) also runs these two passes only.
         finite_difference: How second order approximates the Hessian-vector product: `"central"` (eq. 13, error
             O(epsilon^2), two extra passes) or `"forward"` ((grad_alpha L_delta(delta+) - grad_alpha
             L_delta(delta)) / epsilon, error O(epsilon), one extra pass: grad_alpha L_delta(delta) comes with the
@@ -338,13 +344,16 @@ class S3SearchTrainer(Trainer):
             `eval_strategy` / `eval_steps` on `eval_dataset`, gates fixed to its 0/1 mask with the current deltas)
             and keep the best by `args.metric_for_best_model` (default: the loss) in `best_structure`, as the paper
             does every I_eval steps. Needs an eval_dataset and an eval_strategy; the end of the search is evaluated
-            too.
+            too. Checkpoints keep the evaluations so far and the best structure (`s3_best_structure.json`), as they
+            keep every other part of the search's state, so a resumed search continues exactly where it was.
         stop_when_stable: stop the search once the structure `resolve` would pick has not changed for this many
             optimizer steps after the annealing ended (None: run all steps).
         close_unfittable: after the annealing, close the gates of candidates that no longer fit beside the decided
-            ones (`GateBank.close_unfittable`), so the expected size moves to candidates `resolve` can take (default;
-            benchmarks/README.md, "Closing the gates that cannot fit", has what it changed).
-        close_overflow: with close_unfittable, when the decided candidates together exceed the budget, close those
+            ones (`GateBank.close_unfittable`: decided are those `resolve` would pick now at p >= 0.5, by
+            `selection_method`), so the expected size moves to candidates `resolve` can take; it never closes one
+            `resolve` would pick (default; benchmarks/README.md, "Closing the gates that cannot fit", has what it
+            changed).
+        close_overflow: with close_unfittable, when the candidates at p >= 0.5 together exceed the budget, close those
             `resolve` would drop too, instead of waiting. Off by default: it ends searches more decided (the main
             command's on every seed tried), but tied the default on the paired grid's accuracy with means below it
             (benchmarks/README.md, "When the decided candidates overflow the budget").
@@ -427,11 +436,13 @@ class S3SearchTrainer(Trainer):
                 f"finite_difference={finite_difference!r} is not allowed: choose one of {list(FINITE_DIFFERENCES)}."
             )
         if unrolled_learning_rate is not None and not (
-            isinstance(unrolled_learning_rate, (int, float)) and 0 < unrolled_learning_rate < math.inf
+            isinstance(unrolled_learning_rate, (int, float))
+            and not isinstance(unrolled_learning_rate, bool)
+            and 0 <= unrolled_learning_rate < math.inf
         ):
             raise ValueError(
-                f"unrolled_learning_rate={unrolled_learning_rate!r} is not allowed: it must be a finite float > 0, "
-                "or None for args.learning_rate."
+                f"unrolled_learning_rate={unrolled_learning_rate!r} is not allowed: it must be a finite float >= 0 "
+                "(0: no virtual step, no Hessian term), or None for the delta learning rate of each step."
             )
         if not (isinstance(finite_difference_epsilon, (int, float)) and 0 < finite_difference_epsilon < math.inf):
             raise ValueError(
@@ -583,6 +594,8 @@ class S3SearchTrainer(Trainer):
         self._search_stream_state = {}
         self._alpha_loss_sum = None
         self._alpha_loss_steps = 0
+        self._logged_resolved = self._stable_resolved = None
+        self._stable_since = 0
         return scheduler
 
     # ------------------------------------------------------------------ the bi-level step
@@ -606,6 +619,9 @@ class S3SearchTrainer(Trainer):
                 delta_batches, self._step_delta_batches = self._step_delta_batches, None
                 self._anneal()
                 self._step_noise.enter_context(self._tuner.frozen_gate_noise())
+                # Drawn now, from the unseeded stream: drawn lazily, inside the first seeded pass of a second-order
+                # step, it would use up that pass's dropout stream (issue 24).
+                self._bank.draw_noise()
                 search_step = self.state.global_step - self._num_warmup_steps
                 if search_step >= 0 and search_step % self.alpha_update_interval == 0:
                     self._alpha_step(model, delta_batches, self._step_delta_items)
@@ -712,7 +728,7 @@ class S3SearchTrainer(Trainer):
                 if self.unrolled_learning_rate is None
                 else self.unrolled_learning_rate
             )
-            loss, delta_gradient, self._computed_delta_losses = second_order_alpha_gradient(
+            unrolled = second_order_alpha_gradient(
                 # Its first pass over the D_delta micro-batches is the delta step's own.
                 self._loss_shares(module, delta_batches, delta_items, recorded_passes=len(delta_batches)),
                 search_loss,
@@ -725,8 +741,9 @@ class S3SearchTrainer(Trainer):
                 self.finite_difference,
                 self.finite_difference_epsilon,
             )
+            loss, self._computed_delta_losses = unrolled.search_loss, unrolled.delta_losses
             # Algorithm 1, step 4: delta descends grad_delta L_delta(delta, alpha), taken before alpha moves.
-            for parameter, gradient in zip(self._delta_parameters, delta_gradient, strict=True):
+            for parameter, gradient in zip(self._delta_parameters, unrolled.delta_gradient, strict=True):
                 parameter.grad = gradient
         _apply_alpha_gradient(self.alpha_optimizer, self.alpha_lr_scheduler, loss, self.state.global_step)
         # Only once the schedules are over: while the budget is annealed, the room beside the decided set is not final.
@@ -811,8 +828,11 @@ class S3SearchTrainer(Trainer):
                 "search_batches": (
                     self._search_stream_state if self._search_batches is None else self._search_batches.state_dict()
                 ),
+                "search": self._search_state(),
             }
             torch.save(state, os.path.join(output_dir, SEARCH_STATE_NAME))
+            if self.best_structure is not None:
+                self.best_structure.save(os.path.join(output_dir, BEST_STRUCTURE_NAME))
 
     def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
@@ -830,6 +850,37 @@ class S3SearchTrainer(Trainer):
         self.alpha_lr_scheduler.load_state_dict(state["lr_scheduler"])
         self._search_stream_state = dict(state["search_batches"])
         self._search_batches = None
+        if "search" in state:
+            self._load_search_state(state["search"], checkpoint)
+        else:
+            logger.warning(
+                f"{checkpoint} was written before the search state was checkpointed: stop_when_stable counts and "
+                "select_on_validation's evaluations start afresh."
+            )
+
+    def _search_state(self) -> dict[str, Any]:
+        """What the search holds beyond alpha, its optimizer and the data streams, for a resume bit for bit."""
+        return {
+            # The shift solver's warm start, so that the resumed solves start from where the uninterrupted ones do.
+            "zeta": None if self._bank.zeta is None else self._bank.zeta.clone(),
+            "stable_resolved": self._stable_resolved,
+            "stable_since": self._stable_since,
+            "logged_resolved": self._logged_resolved,
+            "alpha_loss_sum": None if self._alpha_loss_sum is None else self._alpha_loss_sum.detach().cpu(),
+            "alpha_loss_steps": self._alpha_loss_steps,
+            "structure_evaluations": self.structure_evaluations,
+        }
+
+    def _load_search_state(self, state: dict[str, Any], checkpoint: str) -> None:
+        self._bank.zeta = state["zeta"]
+        self._stable_resolved, self._stable_since = state["stable_resolved"], state["stable_since"]
+        self._logged_resolved = state["logged_resolved"]
+        loss_sum = state["alpha_loss_sum"]
+        self._alpha_loss_sum = None if loss_sum is None else loss_sum.to(self.args.device)
+        self._alpha_loss_steps = state["alpha_loss_steps"]
+        self.structure_evaluations = [dict(entry) for entry in state["structure_evaluations"]]
+        best = os.path.join(checkpoint, BEST_STRUCTURE_NAME)
+        self.best_structure = SearchedStructure.load(best) if os.path.isfile(best) else None
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """Saves the adapter as the Trainer does, plus the gate report (`s3_gates.json`) next to it."""

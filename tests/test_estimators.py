@@ -61,7 +61,7 @@ def test_second_order_matches_the_exact_unrolled_gradient(finite_difference: str
     expected = _exact_unrolled_gradient(alpha, deltas, mixing, delta_batches, search_batches)
     start = [delta.detach().clone() for delta in deltas]
 
-    loss, delta_gradient, delta_losses = second_order_alpha_gradient(
+    loss, delta_gradient, delta_losses, _ = second_order_alpha_gradient(
         _shares(alpha, deltas, mixing, delta_batches),
         _shares(alpha, deltas, mixing, search_batches),
         alpha,
@@ -89,14 +89,27 @@ def test_second_order_matches_the_exact_unrolled_gradient(finite_difference: str
     torch.testing.assert_close(loss, _mean_loss(alpha, unrolled, mixing, search_batches).float().detach())
 
 
-def test_second_order_with_zero_xi_is_first_order() -> None:
+def test_second_order_with_zero_xi_is_first_order_in_one_pass_per_micro_batch() -> None:
     alpha, deltas, mixing, batches = _problem(seed=2)
     delta_loss, search_loss = _shares(alpha, deltas, mixing, batches[:2]), _shares(alpha, deltas, mixing, batches[2:])
     first_order_alpha_gradient(search_loss, alpha, deltas, batches[2:])
     first = alpha.grad.clone()
     alpha.grad = None
-    second_order_alpha_gradient(delta_loss, search_loss, alpha, deltas, batches[:2], batches[2:], 0, xi=0.0)
+    passes = []
+
+    def counted(loss_fn):
+        return lambda batch: passes.append(batch) or loss_fn(batch)
+
+    result = second_order_alpha_gradient(
+        counted(delta_loss), counted(search_loss), alpha, deltas, batches[:2], batches[2:], 0, xi=0.0
+    )
     torch.testing.assert_close(alpha.grad, first)
+    # Nothing to difference: each micro-batch is passed once, the delta step's gradient comes along.
+    assert len(passes) == 4 and not result.correction.any()
+    expected = torch.autograd.grad(_mean_loss(alpha, deltas, mixing, batches[:2]), deltas)
+    for got, want in zip(result.delta_gradient, expected, strict=True):
+        torch.testing.assert_close(got, want)
+    assert all(delta.grad is None for delta in deltas)
 
 
 def test_seeded_passes_repeat_their_dropout_masks_and_leave_the_rng_alone() -> None:

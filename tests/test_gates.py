@@ -169,6 +169,23 @@ def test_close_unfittable_closes_the_decided_candidates_resolve_would_drop() -> 
     assert bank.close_unfittable(overflow=True) == 0
 
 
+def test_close_unfittable_never_closes_what_resolve_would_pick() -> None:
+    """Issue 24: at p 0.55 / 0.45 / 0.45 / 0.21 / 0.21, sizes 60 / 50 / 50 / 50 / 50 and a budget of 100, resolve
+    takes the two 0.45s (sum 0.9 against 0.55); a rule of "decided at p >= 0.5" left room 40 beside the 0.55 and
+    closed them. Two small candidates at p 0.01 give the expected size somewhere to go, so closing is possible."""
+    p, sizes, budget = [0.55, 0.45, 0.45, 0.21, 0.21, 0.01, 0.01], [60, 50, 50, 50, 50, 20, 20], 100
+    bank = _bank((0.1 * torch.logit(torch.tensor(p))).tolist(), sizes, budget)
+    # These p hold an expected size of 99.4: with that as the target, zeta is 0 and the p are exactly the example's.
+    bank.budget_scale = 0.994
+    torch.testing.assert_close(bank.probabilities().detach(), torch.tensor(p))
+    picked = exact_selection(p, bank.alpha.tolist(), sizes, budget)
+    assert picked == [1, 2]
+    alpha = bank.alpha.detach().clone()
+    # None of resolve's picks is at p >= 0.5, so nothing is decided, and every candidate fits the empty room.
+    assert bank.close_unfittable() == 0
+    torch.testing.assert_close(bank.alpha.detach(), alpha, atol=0, rtol=0)
+
+
 # ---------------------------------------------------------------------------------------------- gates inside a model
 
 

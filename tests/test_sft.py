@@ -119,7 +119,7 @@ def test_alpha_gradient_is_the_token_weighted_one(tmp_path, arch: str) -> None:
         first_order, alpha.grad = alpha.grad.clone(), None
         # Second order with xi = 0 is first order: the same closures drive both levels of the unrolled step.
         delta_items = trainer._get_num_items_in_batch(delta_batches, trainer.args.device)
-        _, delta_gradient, delta_losses = second_order_alpha_gradient(
+        _, delta_gradient, delta_losses, _ = second_order_alpha_gradient(
             trainer._loss_shares(model, delta_batches, delta_items, recorded_passes=2),
             trainer._loss_shares(model, search_batches, items),
             alpha,

@@ -182,11 +182,21 @@ class GateBank:
             self.values = p
         else:
             if self.noise is None or not self.noise_frozen or self.noise.shape != p.shape:
-                self.noise = torch.rand_like(p).clamp(_PROB_EPS, 1 - _PROB_EPS)
+                self.draw_noise()
             self.values = binary_concrete(p, self.noise, self.beta, self.hard)
         # One split for all layers: its backward is a single concatenation, where a slice per layer would cost each
         # layer a zero-filled gradient of the whole gate vector and an addition.
         self.segments = self.values.split(self.segment_sizes)
+
+    def draw_noise(self) -> None:
+        """Draw the uniform noise of the next binary-concrete sample now, from the global RNG.
+
+        `refresh` draws it lazily in the first training forward pass; a search draws it at the start of its step
+        instead, before any pass that reseeds the RNG for its dropout masks: drawn inside such a pass, it would use up
+        that pass's stream, and its masks would differ from those of the later passes with the same seed.
+        """
+        alpha = self.alpha
+        self.noise = torch.rand(alpha.shape, dtype=torch.float32, device=alpha.device).clamp(_PROB_EPS, 1 - _PROB_EPS)
 
     def segment(self, start: int) -> torch.Tensor:
         """The current gate values of the segment beginning at gate index `start`."""
@@ -194,7 +204,7 @@ class GateBank:
 
     @torch.no_grad()
     def close_unfittable(self, margin: float = _CLOSED_MARGIN, method: str = "exact", overflow: bool = False) -> int:
-        """Close the gates of candidates that cannot fit beside the decided ones (p >= 0.5); returns how many.
+        """Close the gates of candidates that cannot fit beside the decided ones; returns how many.
 
         The shifted sigmoid holds the expected size at the budget, which is rarely a sum of candidate sizes, so once
         the decided candidates leave less room than a large candidate needs, part of the expected size can still sit
@@ -203,29 +213,35 @@ class GateBank:
         Kept in alpha itself, the result survives saving and reloading; a closed gate reopens when its gradient
         lifts it again.
 
-        When the decided candidates alone exceed the budget (e.g. three at p 0.97-1 whose sizes add up to a little
-        more than it), the shifted sigmoid can never open them all, and `resolve` will drop some and fill their
-        place with candidates of p = 0. With `overflow`, the room is what the decided candidates that `resolve`
-        would keep (`select` by `method` among them) leave, so those it would drop are closed as well; without it,
-        nothing is closed while the decided candidates overflow.
+        "Decided" and "fits" come from `resolve`'s own rule, `select` by `method` over the whole search space: a
+        candidate is decided when that selection keeps it and its p is at least 0.5 (the selection keeps it, and its
+        gate is more often open than closed); a candidate fits when it is no larger than the room the decided ones
+        leave in the budget. The selection fits the budget, so every candidate it keeps fits: this never closes a
+        candidate `resolve` would pick now (a rule of p >= 0.5 alone would, e.g. sizes 60 / 50 / 50 at p 0.55 /
+        0.45 / 0.45 and a budget of 100, where `resolve` takes the two 0.45s).
+
+        When the candidates at p >= 0.5 together exceed the budget (e.g. three at p 0.97-1 whose sizes add up to a
+        little more than it), the shifted sigmoid can never open them all, and `resolve` keeps some of them. With
+        `overflow`, those it drops are closed like any other candidate that does not fit; without it, nothing is
+        closed while they overflow.
         """
         p = self.probabilities()
         sizes = self._solver_sizes
-        kept = (p >= 0.5).cpu()
-        if overflow and float(sizes[kept].sum()) > self.budget:
-            decided = torch.nonzero(kept).flatten().tolist()
-            chosen = select(
-                p[decided].tolist(),
-                self.alpha.detach()[decided].tolist(),
-                [int(size) for size in sizes[decided].tolist()],
-                self.budget,
-                method,
-            )
-            kept = torch.zeros_like(kept)
-            kept[[decided[index] for index in chosen]] = True
+        probabilities = p.tolist()
+        if not overflow and float(sizes[(p >= 0.5).cpu()].sum()) > self.budget:
+            return 0
+        chosen = select(
+            probabilities,
+            self.alpha.detach().float().cpu().tolist(),
+            [int(size) for size in sizes.tolist()],
+            self.budget,
+            method,
+        )
+        kept = torch.zeros(len(probabilities), dtype=torch.bool)
+        kept[[index for index in chosen if probabilities[index] >= 0.5]] = True
         room = self.budget - float(sizes[kept].sum())
         unfittable = ~kept & (sizes > room)
-        if room < 0 or not unfittable.any() or float(sizes[~unfittable].sum()) <= self.expected_size:
+        if not unfittable.any() or float(sizes[~unfittable].sum()) <= self.expected_size:
             return 0
         zeta = solve_zeta(self.alpha, sizes * ~unfittable, self.expected_size, self.tau)
         ceiling = (zeta - margin * self.tau).to(self.alpha.device, self.alpha.dtype)
