@@ -38,6 +38,7 @@ from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
 from .annealing import DEFAULT_ANNEALING, SearchAnnealing
+from .distributed import check_sharded_search, keep_alpha_out_of_accelerate_fsdp
 from .estimators import (
     FINITE_DIFFERENCES,
     first_order_alpha_gradient,
@@ -450,16 +451,7 @@ class S3SearchTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.args.fp16:
             raise ValueError("fp16=True is not supported by S3SearchTrainer (no loss scaling for alpha); use bf16.")
-        # args.fsdp too: on CPU transformers drops FSDP silently and would run a search the user did not ask for.
-        if self.is_fsdp_enabled or self.args.fsdp:
-            raise ValueError(
-                f"S3SearchTrainer does not run under FSDP (fsdp={self.args.fsdp!r}): its alpha passes run on the "
-                "unwrapped module, which under FSDP holds only parameter shards. Search with DDP instead (the search "
-                "needs about the memory of LoRA training), then retrain the resolved structure with FSDP or anything "
-                "else the Trainer supports."
-            )
-        if self.is_deepspeed_enabled:
-            raise ValueError("S3SearchTrainer supports single-device and DDP training, not DeepSpeed.")
+        check_sharded_search(self)
         _check_checkpointing_arguments(self.args)
         if self.model is not None:
             _search_adapter(self.model)
@@ -552,6 +544,7 @@ class S3SearchTrainer(Trainer):
         # explicitly, and it does not take part in the delta backward at all.
         alpha_names = [name for name, p in self.model.named_parameters() if p is self._alpha]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, alpha_names)
+        keep_alpha_out_of_accelerate_fsdp(self, self._tuner.s3_alpha)
         user_optimizer = self.optimizer is not None
         with requires_grad([self._alpha], False):
             optimizer = super().create_optimizer(model)

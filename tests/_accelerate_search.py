@@ -1,11 +1,16 @@
-"""S3 structure searches on a tiny BERT, run alone or under `accelerate launch`; used by test_accelerate.py.
+"""S3 structure searches on a tiny BERT, run alone, under `accelerate launch` (DDP) or sharded with FSDP2 (torchrun);
+used by test_accelerate.py.
 
     python tests/_accelerate_search.py OUTPUT_JSON
     accelerate launch --multi_gpu --num_processes 2 tests/_accelerate_search.py OUTPUT_JSON
+    torchrun --nproc_per_node 2 tests/_accelerate_search.py OUTPUT_JSON --fsdp2
 
 Every run uses the same global batch (GLOBAL_BATCH_SIZE, split evenly over the processes), seed and data, so a
 data-parallel search should reproduce the single-process one. For each bi-level mode, the main process writes the
-searched alphas, the gate probabilities and the resolved structure to OUTPUT_JSON.
+searched alphas, the gate probabilities and the resolved structure to OUTPUT_JSON; with --fsdp2 the model is sharded
+with `peft_s3.distributed.shard_model`, and the file also holds every process's share of the base weights. Both
+kinds of run then retrain the resolved structure for a few steps with the plain `Trainer` (sharded too with --fsdp2)
+and write its losses.
 """
 
 from __future__ import annotations
@@ -17,19 +22,24 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from conftest import TINY_MODELS
 from test_trainer import MarkerTask, alpha_of, arguments, search_model
+from torch import distributed
+from transformers import Trainer, TrainingArguments
 
 import peft_s3
+from peft_s3.distributed import shard_model
 from peft_s3.trainer import BILEVEL_MODES
 
 GLOBAL_BATCH_SIZE = 8
 NUM_STEPS = 6
+NUM_RETRAIN_STEPS = 3
 
 
-def search(bilevel: str, output_dir: str) -> tuple[peft_s3.S3SearchTrainer, dict[str, Any]]:
+def _arguments(output_dir: str, max_steps: int) -> TrainingArguments:
     args = arguments(
         Path(output_dir),
-        max_steps=NUM_STEPS,
+        max_steps=max_steps,
         ddp_find_unused_parameters=False,
         # transformers multiplies the training loss by the number of processes when the model's forward takes
         # **kwargs, assuming it normalised the loss by the global token count, which a classification head does not;
@@ -39,7 +49,27 @@ def search(bilevel: str, output_dir: str) -> tuple[peft_s3.S3SearchTrainer, dict
     if GLOBAL_BATCH_SIZE % args.world_size:
         raise ValueError(f"{args.world_size} processes cannot split a global batch of {GLOBAL_BATCH_SIZE} evenly.")
     args.per_device_train_batch_size = GLOBAL_BATCH_SIZE // args.world_size
+    return args
+
+
+def _base_weight_shares(model: torch.nn.Module) -> list[list[int]]:
+    """Per process: the elements of the frozen base weights it holds, and of all of them (DTensor shards count
+    locally)."""
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    local = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in frozen)
+    share = [local, sum(p.numel() for p in frozen)]
+    if not distributed.is_initialized():
+        return [share]
+    shares = [None] * distributed.get_world_size()
+    distributed.all_gather_object(shares, share)
+    return shares
+
+
+def search(bilevel: str, output_dir: str, fsdp2: bool) -> tuple[peft_s3.S3SearchTrainer, dict[str, Any]]:
+    args = _arguments(output_dir, NUM_STEPS)  # sets up the process group under torchrun
     model = search_model(init_weights=False)
+    if fsdp2:
+        shard_model(model)
     trainer = peft_s3.S3SearchTrainer(model=model, args=args, train_dataset=MarkerTask(96), bilevel=bilevel)
     trainer.train()
     result = {
@@ -49,19 +79,31 @@ def search(bilevel: str, output_dir: str) -> tuple[peft_s3.S3SearchTrainer, dict
         "p": model.base_model.gate_probabilities().tolist(),
         "structure": peft_s3.resolve(model).structure,
         "alpha_losses": [entry["s3/alpha_loss"] for entry in trainer.state.log_history if "s3/alpha_loss" in entry],
+        "base_weight_shares": _base_weight_shares(model),
     }
     return trainer, result
 
 
-def main(output_file: str) -> None:
+def retrain(structure: peft_s3.SearchedStructure, output_dir: str, fsdp2: bool) -> list[float]:
+    """Training losses of a few plain-Trainer steps on `structure` applied to a fresh base."""
+    model = peft_s3.apply_structure(TINY_MODELS["bert"](), structure)
+    if fsdp2:
+        shard_model(model)
+    trainer = Trainer(model=model, args=_arguments(output_dir, NUM_RETRAIN_STEPS), train_dataset=MarkerTask(96))
+    trainer.train()
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def main(output_file: str, fsdp2: bool) -> None:
     torch.set_num_threads(1)
     results = {}
     for bilevel in BILEVEL_MODES:
         with tempfile.TemporaryDirectory() as output_dir:
-            trainer, results[bilevel] = search(bilevel, output_dir)
+            trainer, results[bilevel] = search(bilevel, output_dir, fsdp2)
+            results[bilevel]["retrain_losses"] = retrain(peft_s3.resolve(trainer.model), output_dir, fsdp2)
     if trainer.is_world_process_zero():
         Path(output_file).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], fsdp2="--fsdp2" in sys.argv[2:])
