@@ -125,7 +125,9 @@ def _check_user_sharding(model: nn.Module) -> None:
             "peft_s3.distributed.shard_model(model)."
         )
     replicated = [
-        name for name, p in model.named_parameters() if p.requires_grad and not isinstance(p, DTensor) and p not in alphas
+        name
+        for name, parameter in model.named_parameters()
+        if parameter.requires_grad and not isinstance(parameter, DTensor) and parameter not in alphas
     ]
     if replicated:
         raise ValueError(

@@ -6,9 +6,10 @@ used by test_accelerate.py.
     torchrun --nproc_per_node 2 tests/_accelerate_search.py OUTPUT_JSON --fsdp2
 
 Every run uses the same global batch (GLOBAL_BATCH_SIZE, split evenly over the processes), seed and data, so a
-data-parallel search should reproduce the single-process one. For each bi-level mode, the main process writes the
+data-parallel search should reproduce the single-process one. For each search in SEARCHES, the main process writes the
 searched alphas, the gate probabilities and the resolved structure to OUTPUT_JSON; with --fsdp2 the model is sharded
-with `peft_s3.distributed.shard_model`, and the file also holds every process's share of the base weights. Both
+with `peft_s3.distributed.shard_model`, and the file also holds every process's share of the base weights and the
+errors of the FSDP setups the search refuses. Both
 kinds of run then retrain the resolved structure for a few steps with the plain `Trainer` (sharded too with --fsdp2)
 and write its losses.
 """
@@ -25,12 +26,18 @@ import torch
 from conftest import TINY_MODELS
 from test_trainer import MarkerTask, alpha_of, arguments, search_model
 from torch import distributed
+from torch.distributed.fsdp import fully_shard
 from transformers import Trainer, TrainingArguments
 
 import peft_s3
 from peft_s3.distributed import shard_model
-from peft_s3.trainer import BILEVEL_MODES
 
+# (name, S3SearchTrainer keyword arguments): first order and both finite differences of second order.
+SEARCHES = (
+    ("first_order", {"bilevel": "first_order"}),
+    ("second_order", {"bilevel": "second_order", "finite_difference": "central"}),
+    ("second_order_forward", {"bilevel": "second_order", "finite_difference": "forward"}),
+)
 GLOBAL_BATCH_SIZE = 8
 NUM_STEPS = 6
 NUM_RETRAIN_STEPS = 3
@@ -65,12 +72,14 @@ def _base_weight_shares(model: torch.nn.Module) -> list[list[int]]:
     return shares
 
 
-def search(bilevel: str, output_dir: str, fsdp2: bool) -> tuple[peft_s3.S3SearchTrainer, dict[str, Any]]:
+def search(
+    search_kwargs: dict[str, str], output_dir: str, fsdp2: bool
+) -> tuple[peft_s3.S3SearchTrainer, dict[str, Any]]:
     args = _arguments(output_dir, NUM_STEPS)  # sets up the process group under torchrun
     model = search_model(init_weights=False)
     if fsdp2:
         shard_model(model)
-    trainer = peft_s3.S3SearchTrainer(model=model, args=args, train_dataset=MarkerTask(96), bilevel=bilevel)
+    trainer = peft_s3.S3SearchTrainer(model=model, args=args, train_dataset=MarkerTask(96), **search_kwargs)
     trainer.train()
     result = {
         "world_size": args.world_size,
@@ -94,13 +103,39 @@ def retrain(structure: peft_s3.SearchedStructure, output_dir: str, fsdp2: bool) 
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
 
+def refusals(output_dir: str) -> dict[str, str]:
+    """The errors of FSDP setups that the search refuses, by setup."""
+    alpha_sharded = search_model()
+    fully_shard(alpha_sharded)
+    blocks_only = search_model()
+    for block in blocks_only.base_model.model.bert.encoder.layer:
+        fully_shard(block, ignored_params=set(blocks_only.base_model.s3_alpha.parameters()))
+    setups = {
+        "fsdp_on_cpu": (search_model(), {"fsdp": True, "fsdp_config": {"version": 2}}),
+        "alpha_sharded": (alpha_sharded, {}),
+        "root_not_sharded": (blocks_only, {}),
+    }
+    errors = {}
+    for name, (model, kwargs) in setups.items():
+        try:
+            peft_s3.S3SearchTrainer(
+                model=model, args=arguments(Path(output_dir), **kwargs), train_dataset=MarkerTask(16)
+            )
+        except ValueError as error:
+            errors[name] = str(error)
+    return errors
+
+
 def main(output_file: str, fsdp2: bool) -> None:
     torch.set_num_threads(1)
-    results = {}
-    for bilevel in BILEVEL_MODES:
+    results = {"searches": {}}
+    for name, search_kwargs in SEARCHES:
         with tempfile.TemporaryDirectory() as output_dir:
-            trainer, results[bilevel] = search(bilevel, output_dir, fsdp2)
-            results[bilevel]["retrain_losses"] = retrain(peft_s3.resolve(trainer.model), output_dir, fsdp2)
+            trainer, results["searches"][name] = search(search_kwargs, output_dir, fsdp2)
+            results["searches"][name]["retrain_losses"] = retrain(peft_s3.resolve(trainer.model), output_dir, fsdp2)
+    if fsdp2:
+        with tempfile.TemporaryDirectory() as output_dir:
+            results["refusals"] = refusals(output_dir)
     if trainer.is_world_process_zero():
         Path(output_file).write_text(json.dumps(results))
 
