@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from accelerate.utils import reduce
+from peft import get_peft_model_state_dict
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
@@ -151,6 +152,24 @@ def keep_alpha_out_of_accelerate_fsdp(trainer: Trainer, alphas: nn.Module) -> No
     ignored = list(ignored or [])
     if not any(module is alphas for module in ignored):
         plugin.ignored_modules = [*ignored, alphas]
+
+
+def gathered_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`model.state_dict()` of a PeftModel sharded with `shard_model`, with the tensors peft saves (the adapters')
+    gathered whole and the base weights left sharded: pass it to `model.save_pretrained(..., state_dict=...)`.
+
+    A collective: call it on every process (and `save_pretrained` with `is_main_process` set on the main one).
+    """
+    state = model.state_dict()
+    saved = set()
+    for adapter_name in model.peft_config:
+        selected = get_peft_model_state_dict(model, state_dict=state, adapter_name=adapter_name)
+        saved |= {id(tensor) for tensor in selected.values()}
+    # The same key order on every process, so the gathers pair up.
+    return {
+        key: value.full_tensor() if isinstance(value, DTensor) and id(value) in saved else value
+        for key, value in state.items()
+    }
 
 
 def mean_across_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -5,7 +5,8 @@ micro-batches of one optimizer step; it sets alpha.grad and returns the losses i
 micro-batch to its *share* of the step's loss, so that the shares sum to the loss of the step: the micro-batch mean
 divided by the number of micro-batches, or, for token-level losses, the micro-batch's summed token losses divided by
 the tokens of all the step's micro-batches (what `Trainer` does with `num_items_in_batch`). Gradients are
-averaged over data-parallel processes (a copy in a single process). Nothing here knows about the `Trainer`.
+averaged over data-parallel processes (a copy in a single process; FSDP2's DTensor shards come averaged by its
+reduce-scatter). Nothing here knows about the `Trainer`.
 """
 
 from __future__ import annotations

@@ -38,7 +38,12 @@ from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
 from .annealing import DEFAULT_ANNEALING, SearchAnnealing
-from .distributed import check_sharded_search, keep_alpha_out_of_accelerate_fsdp
+from .distributed import (
+    check_sharded_search,
+    gathered_state_dict,
+    is_fsdp2_sharded,
+    keep_alpha_out_of_accelerate_fsdp,
+)
 from .estimators import (
     FINITE_DIFFERENCES,
     first_order_alpha_gradient,
@@ -358,8 +363,9 @@ class S3SearchTrainer(Trainer):
 
     With gradient accumulation, each optimizer step accumulates the alpha gradient over as many D_alpha micro-batches
     as the delta gradient gets D_delta micro-batches, so both levels see the same effective batch size, and alpha is
-    updated once per optimizer step. Fp32 and bf16 are supported, fp16 (loss scaling) is not; DeepSpeed and FSDP
-    are not supported. In multi-process (DDP) runs alpha is kept out of DDP and averaged across processes explicitly.
+    updated once per optimizer step. Fp32 and bf16 are supported, fp16 (loss scaling) is not; DeepSpeed and FSDP1
+    are not supported. In multi-process runs alpha is kept out of DDP and out of FSDP2's sharding (docs/fsdp.md) and
+    averaged across processes explicitly.
 
     Example:
 
@@ -823,6 +829,12 @@ class S3SearchTrainer(Trainer):
         self.alpha_lr_scheduler.load_state_dict(state["lr_scheduler"])
         self._search_stream_state = dict(state["search_batches"])
         self._search_batches = None
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        # A model sharded before the Trainer (shard_model) reaches here on every process, with DTensor shards.
+        if state_dict is None and self.is_distributed_loading_by_transformers and is_fsdp2_sharded(self.model):
+            state_dict = gathered_state_dict(self.model)
+        super()._save(output_dir, state_dict)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """Saves the adapter as the Trainer does, plus the gate report (`s3_gates.json`) next to it."""

@@ -7,26 +7,26 @@ used by test_accelerate.py.
 
 Every run uses the same global batch (GLOBAL_BATCH_SIZE, split evenly over the processes), seed and data, so a
 data-parallel search should reproduce the single-process one. For each search in SEARCHES, the main process writes the
-searched alphas, the gate probabilities and the resolved structure to OUTPUT_JSON; with --fsdp2 the model is sharded
-with `peft_s3.distributed.shard_model`, and the file also holds every process's share of the base weights and the
-errors of the FSDP setups the search refuses. Both
-kinds of run then retrain the resolved structure for a few steps with the plain `Trainer` (sharded too with --fsdp2)
-and write its losses.
+searched alphas, the gate probabilities and the resolved structure to OUTPUT_JSON, whether the saved adapter reloads
+exactly, and the losses of a few plain-`Trainer` steps retraining the resolved structure. With --fsdp2 both models
+are sharded with `peft_s3.distributed.shard_model`, and the file also holds every process's share of the base
+weights and the errors of the FSDP setups the search refuses.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
+import peft
 import torch
 from conftest import TINY_MODELS
 from test_trainer import MarkerTask, alpha_of, arguments, search_model
 from torch import distributed
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import Trainer, TrainingArguments
 
 import peft_s3
@@ -72,6 +72,17 @@ def _base_weight_shares(model: torch.nn.Module) -> list[list[int]]:
     return shares
 
 
+def _reloads_exactly(model: torch.nn.Module, adapter_dir: str) -> bool:
+    """Whether the adapter saved to `adapter_dir`, loaded on a fresh base, holds the trained deltas and alphas."""
+    trained = {
+        name: (p.full_tensor() if isinstance(p, DTensor) else p).detach()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+    loaded = dict(peft.PeftModel.from_pretrained(TINY_MODELS["bert"](), adapter_dir).named_parameters())
+    return trained.keys() <= loaded.keys() and all(torch.equal(loaded[name], p) for name, p in trained.items())
+
+
 def search(
     search_kwargs: dict[str, str], output_dir: str, fsdp2: bool
 ) -> tuple[peft_s3.S3SearchTrainer, dict[str, Any]]:
@@ -90,6 +101,10 @@ def search(
         "alpha_losses": [entry["s3/alpha_loss"] for entry in trainer.state.log_history if "s3/alpha_loss" in entry],
         "base_weight_shares": _base_weight_shares(model),
     }
+    # Saving a sharded model gathers the adapter on every process, and the main one writes it.
+    trainer.save_model(output_dir)
+    trainer.accelerator.wait_for_everyone()
+    result["reloads_exactly"] = _reloads_exactly(model, output_dir)
     return trainer, result
 
 
@@ -129,13 +144,15 @@ def refusals(output_dir: str) -> dict[str, str]:
 def main(output_file: str, fsdp2: bool) -> None:
     torch.set_num_threads(1)
     results = {"searches": {}}
+    # Output directories beside OUTPUT_JSON, the same on every process: the main one writes the adapter they load.
+    output_dir = Path(output_file).with_suffix("")
     for name, search_kwargs in SEARCHES:
-        with tempfile.TemporaryDirectory() as output_dir:
-            trainer, results["searches"][name] = search(search_kwargs, output_dir, fsdp2)
-            results["searches"][name]["retrain_losses"] = retrain(peft_s3.resolve(trainer.model), output_dir, fsdp2)
+        trainer, results["searches"][name] = search(search_kwargs, str(output_dir / name), fsdp2)
+        results["searches"][name]["retrain_losses"] = retrain(
+            peft_s3.resolve(trainer.model), str(output_dir / f"{name}_retrain"), fsdp2
+        )
     if fsdp2:
-        with tempfile.TemporaryDirectory() as output_dir:
-            results["refusals"] = refusals(output_dir)
+        results["refusals"] = refusals(str(output_dir / "refused"))
     if trainer.is_world_process_zero():
         Path(output_file).write_text(json.dumps(results))
 

@@ -110,6 +110,7 @@ def _assert_matches_single_process(parallel: dict[str, Any], single: dict[str, A
             rtol=0,
         )
         assert parallel[name]["structure"] == single[name]["structure"]
+        assert single[name]["reloads_exactly"] and parallel[name]["reloads_exactly"]
         # The plain Trainer retrains the resolved structure on the same global batches.
         torch.testing.assert_close(
             torch.tensor(parallel[name]["retrain_losses"]),
