@@ -566,6 +566,8 @@ class S3SearchTrainer(Trainer):
     ) -> torch.optim.lr_scheduler.LRScheduler:
         """The Trainer's scheduler, plus a fresh alpha optimizer, its schedule and the D_alpha stream for this run."""
         scheduler = super().create_scheduler(num_training_steps, optimizer)
+        # accelerate's FSDP2 shards the model after create_optimizer, replacing every parameter by a DTensor one.
+        self._delta_parameters = [p for p in self.model.parameters() if p.requires_grad and p is not self._alpha]
         self._num_warmup_steps, self._num_search_steps = _warmup_and_search_steps(
             num_training_steps, self.alpha_warmup_steps
         )
