@@ -4,13 +4,15 @@ used by test_accelerate.py.
     python tests/_accelerate_search.py OUTPUT_JSON
     accelerate launch --multi_gpu --num_processes 2 tests/_accelerate_search.py OUTPUT_JSON
     torchrun --nproc_per_node 2 tests/_accelerate_search.py OUTPUT_JSON --fsdp2
+    torchrun --nproc_per_node 2 tests/_accelerate_search.py OUTPUT_JSON --accelerate-fsdp2
 
 Every run uses the same global batch (GLOBAL_BATCH_SIZE, split evenly over the processes), seed and data, so a
 data-parallel search should reproduce the single-process one. For each search in SEARCHES, the main process writes the
 searched alphas, the gate probabilities and the resolved structure to OUTPUT_JSON, whether the saved adapter reloads
 exactly, and the losses of a few plain-`Trainer` steps retraining the resolved structure. With --fsdp2 both models
 are sharded with `peft_s3.distributed.shard_model`, and the file also holds every process's share of the base
-weights and the errors of the FSDP setups the search refuses.
+weights and the errors of the FSDP setups the search refuses. With --accelerate-fsdp2 accelerate shards them
+(TrainingArguments(fsdp=True, fsdp_config={"version": 2})), its GPU-only path opened to the CPU.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any
 
 import peft
 import torch
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType
 from conftest import TINY_MODELS
 from test_trainer import MarkerTask, alpha_of, arguments, search_model
 from torch import distributed
@@ -43,10 +47,12 @@ NUM_STEPS = 6
 NUM_RETRAIN_STEPS = 3
 
 
-def _arguments(output_dir: str, max_steps: int) -> TrainingArguments:
+def _arguments(output_dir: str, max_steps: int, sharding: str) -> TrainingArguments:
+    accelerate_fsdp2 = {"fsdp": True, "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": ["BertLayer"]}}
     args = arguments(
         Path(output_dir),
         max_steps=max_steps,
+        **(accelerate_fsdp2 if sharding == "accelerate-fsdp2" else {}),
         ddp_find_unused_parameters=False,
         # transformers multiplies the training loss by the number of processes when the model's forward takes
         # **kwargs, assuming it normalised the loss by the global token count, which a classification head does not;
@@ -56,6 +62,10 @@ def _arguments(output_dir: str, max_steps: int) -> TrainingArguments:
     if GLOBAL_BATCH_SIZE % args.world_size:
         raise ValueError(f"{args.world_size} processes cannot split a global batch of {GLOBAL_BATCH_SIZE} evenly.")
     args.per_device_train_batch_size = GLOBAL_BATCH_SIZE // args.world_size
+    if sharding == "accelerate-fsdp2":
+        # accelerate enables FSDP only on accelerators (GPUs): claiming one here lets its real FSDP2 preparation
+        # (fully_shard with the plugin's ignored_modules) run on the CPU with gloo.
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
     return args
 
 
@@ -84,11 +94,11 @@ def _reloads_exactly(model: torch.nn.Module, adapter_dir: str) -> bool:
 
 
 def search(
-    search_kwargs: dict[str, str], output_dir: str, fsdp2: bool
+    search_kwargs: dict[str, str], output_dir: str, sharding: str
 ) -> tuple[peft_s3.S3SearchTrainer, dict[str, Any]]:
-    args = _arguments(output_dir, NUM_STEPS)  # sets up the process group under torchrun
+    args = _arguments(output_dir, NUM_STEPS, sharding)  # sets up the process group under torchrun
     model = search_model(init_weights=False)
-    if fsdp2:
+    if sharding == "fsdp2":
         shard_model(model)
     trainer = peft_s3.S3SearchTrainer(model=model, args=args, train_dataset=MarkerTask(96), **search_kwargs)
     trainer.train()
@@ -108,12 +118,14 @@ def search(
     return trainer, result
 
 
-def retrain(structure: peft_s3.SearchedStructure, output_dir: str, fsdp2: bool) -> list[float]:
+def retrain(structure: peft_s3.SearchedStructure, output_dir: str, sharding: str) -> list[float]:
     """Training losses of a few plain-Trainer steps on `structure` applied to a fresh base."""
     model = peft_s3.apply_structure(TINY_MODELS["bert"](), structure)
-    if fsdp2:
+    if sharding == "fsdp2":
         shard_model(model)
-    trainer = Trainer(model=model, args=_arguments(output_dir, NUM_RETRAIN_STEPS), train_dataset=MarkerTask(96))
+    trainer = Trainer(
+        model=model, args=_arguments(output_dir, NUM_RETRAIN_STEPS, sharding), train_dataset=MarkerTask(96)
+    )
     trainer.train()
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
 
@@ -141,21 +153,21 @@ def refusals(output_dir: str) -> dict[str, str]:
     return errors
 
 
-def main(output_file: str, fsdp2: bool) -> None:
+def main(output_file: str, sharding: str) -> None:
     torch.set_num_threads(1)
     results = {"searches": {}}
     # Output directories beside OUTPUT_JSON, the same on every process: the main one writes the adapter they load.
     output_dir = Path(output_file).with_suffix("")
     for name, search_kwargs in SEARCHES:
-        trainer, results["searches"][name] = search(search_kwargs, str(output_dir / name), fsdp2)
+        trainer, results["searches"][name] = search(search_kwargs, str(output_dir / name), sharding)
         results["searches"][name]["retrain_losses"] = retrain(
-            peft_s3.resolve(trainer.model), str(output_dir / f"{name}_retrain"), fsdp2
+            peft_s3.resolve(trainer.model), str(output_dir / f"{name}_retrain"), sharding
         )
-    if fsdp2:
+    if sharding == "fsdp2":
         results["refusals"] = refusals(str(output_dir / "refused"))
     if trainer.is_world_process_zero():
         Path(output_file).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], fsdp2="--fsdp2" in sys.argv[2:])
+    main(sys.argv[1], sharding=sys.argv[2].removeprefix("--") if len(sys.argv) > 2 else "none")

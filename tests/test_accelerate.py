@@ -149,6 +149,27 @@ def test_fsdp2_search_matches_single_process_on_half_the_base_weights(single_pro
             assert 0.45 * total <= share <= 0.55 * total
 
 
+def test_accelerate_fsdp2_search_matches_single_process(tmp_path, single_process):
+    # TrainingArguments(fsdp=True, fsdp_config={"version": 2}), accelerate's GPU-only FSDP2 opened to the CPU: it
+    # shards the model after the optimizer exists, replacing every parameter, with alpha in its ignored_modules.
+    single = single_process()
+    launch = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(_free_port()),
+    ]
+    output_file = tmp_path / "accelerate_fsdp2.json"
+    run = _BackgroundRun([*launch, str(SCRIPT), str(output_file), "--accelerate-fsdp2"], output_file, tmp_path)
+    parallel = run.results()["searches"]
+    _assert_matches_single_process(parallel, single.results()["searches"], "FSDPPeftModelForSequenceClassification")
+    for name in parallel:
+        assert [share for share, _ in parallel[name]["base_weight_shares"]] == [3177, 3177]
+
+
 def test_fsdp_setups_the_search_cannot_run_are_refused_with_the_reason(fsdp2_run):
     refusals = fsdp2_run().results()["refusals"]
     assert refusals.keys() == {"fsdp_on_cpu", "alpha_sharded", "root_not_sharded"}
