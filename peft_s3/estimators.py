@@ -5,7 +5,8 @@ micro-batches of one optimizer step; it sets alpha.grad and returns the losses i
 micro-batch to its *share* of the step's loss, so that the shares sum to the loss of the step: the micro-batch mean
 divided by the number of micro-batches, or, for token-level losses, the micro-batch's summed token losses divided by
 the tokens of all the step's micro-batches (what `Trainer` does with `num_items_in_batch`). Gradients are
-averaged over data-parallel processes (a copy in a single process). Nothing here knows about the `Trainer`.
+averaged over data-parallel processes (a copy in a single process; FSDP2's DTensor shards come averaged by its
+reduce-scatter). Nothing here knows about the `Trainer`.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple, Optional
 
 import torch
-from accelerate.utils import reduce
 from torch import nn
+
+from .distributed import global_norm, mean_across_processes
 
 FINITE_DIFFERENCES = ("central", "forward")
 # Guards the finite-difference step eps / ||v|| when v vanishes; the Hessian term is then exactly zero anyway.
@@ -68,19 +70,12 @@ def _accumulate_gradients(
     return losses
 
 
-def _mean_across_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Average tensors over data-parallel processes in one collective (a no-op copy in a single process)."""
-    flat = reduce(torch.cat([tensor.reshape(-1) for tensor in tensors]), reduction="mean")
-    chunks = flat.split([tensor.numel() for tensor in tensors])
-    return [chunk.view_as(tensor) for chunk, tensor in zip(chunks, tensors, strict=True)]
-
-
 def _pop_gradients(parameters: Sequence[nn.Parameter]) -> list[torch.Tensor]:
     """The (process-averaged) gradients of `parameters`, zeros where none arrived; the .grad fields are cleared."""
     gradients = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
     for parameter in parameters:
         parameter.grad = None
-    return _mean_across_processes(gradients)
+    return mean_across_processes(gradients)
 
 
 @torch.no_grad()
@@ -165,7 +160,7 @@ def second_order_alpha_gradient(
         loss = torch.stack(_accumulate_gradients(search_loss_fn, search_batches, search_seeds)).sum()
         direct = _pop_gradients([alpha])[0]  # grad_alpha L_alpha(delta', alpha)
         direction = _pop_gradients(deltas)  # v = grad_delta' L_alpha(delta', alpha)
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in direction]))
+        norm = global_norm(direction)
         epsilon = finite_difference_epsilon / norm.clamp_min(_MIN_NORM)
         curvature = []
         for sign in (1.0,) if forward else (1.0, -1.0):

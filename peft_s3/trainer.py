@@ -38,6 +38,12 @@ from transformers.trainer_utils import has_length
 from transformers.utils import logging
 
 from .annealing import DEFAULT_ANNEALING, SearchAnnealing
+from .distributed import (
+    check_sharded_search,
+    gathered_state_dict,
+    is_fsdp2_sharded,
+    keep_alpha_out_of_accelerate_fsdp,
+)
 from .estimators import (
     FINITE_DIFFERENCES,
     first_order_alpha_gradient,
@@ -366,8 +372,9 @@ class S3SearchTrainer(Trainer):
 
     With gradient accumulation, each optimizer step accumulates the alpha gradient over as many D_alpha micro-batches
     as the delta gradient gets D_delta micro-batches, so both levels see the same effective batch size, and alpha is
-    updated once per optimizer step. Fp32 and bf16 are supported, fp16 (loss scaling) is not; DeepSpeed and FSDP
-    are not supported. In multi-process (DDP) runs alpha is kept out of DDP and averaged across processes explicitly.
+    updated once per optimizer step. Fp32 and bf16 are supported, fp16 (loss scaling) is not; DeepSpeed and FSDP1
+    are not supported. In multi-process runs alpha is kept out of DDP and out of FSDP2's sharding (docs/fsdp.md) and
+    averaged across processes explicitly.
 
     Example:
 
@@ -461,16 +468,7 @@ class S3SearchTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if self.args.fp16:
             raise ValueError("fp16=True is not supported by S3SearchTrainer (no loss scaling for alpha); use bf16.")
-        # args.fsdp too: on CPU transformers drops FSDP silently and would run a search the user did not ask for.
-        if self.is_fsdp_enabled or self.args.fsdp:
-            raise ValueError(
-                f"S3SearchTrainer does not run under FSDP (fsdp={self.args.fsdp!r}): its alpha passes run on the "
-                "unwrapped module, which under FSDP holds only parameter shards. Search with DDP instead (the search "
-                "needs about the memory of LoRA training), then retrain the resolved structure with FSDP or anything "
-                "else the Trainer supports."
-            )
-        if self.is_deepspeed_enabled:
-            raise ValueError("S3SearchTrainer supports single-device and DDP training, not DeepSpeed.")
+        check_sharded_search(self)
         _check_checkpointing_arguments(self.args)
         if self.model is not None:
             _search_adapter(self.model)
@@ -563,6 +561,7 @@ class S3SearchTrainer(Trainer):
         # explicitly, and it does not take part in the delta backward at all.
         alpha_names = [name for name, p in self.model.named_parameters() if p is self._alpha]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, alpha_names)
+        keep_alpha_out_of_accelerate_fsdp(self, self._tuner.s3_alpha)
         user_optimizer = self.optimizer is not None
         with requires_grad([self._alpha], False):
             optimizer = super().create_optimizer(model)
@@ -578,6 +577,8 @@ class S3SearchTrainer(Trainer):
     ) -> torch.optim.lr_scheduler.LRScheduler:
         """The Trainer's scheduler, plus a fresh alpha optimizer, its schedule and the D_alpha stream for this run."""
         scheduler = super().create_scheduler(num_training_steps, optimizer)
+        # accelerate's FSDP2 shards the model after create_optimizer, replacing every parameter by a DTensor one.
+        self._delta_parameters = [p for p in self.model.parameters() if p.requires_grad and p is not self._alpha]
         self._num_warmup_steps, self._num_search_steps = _warmup_and_search_steps(
             num_training_steps, self.alpha_warmup_steps
         )
@@ -881,6 +882,12 @@ class S3SearchTrainer(Trainer):
         self.structure_evaluations = [dict(entry) for entry in state["structure_evaluations"]]
         best = os.path.join(checkpoint, BEST_STRUCTURE_NAME)
         self.best_structure = SearchedStructure.load(best) if os.path.isfile(best) else None
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
+        # A model sharded before the Trainer (shard_model) reaches here on every process, with DTensor shards.
+        if state_dict is None and self.is_distributed_loading_by_transformers and is_fsdp2_sharded(self.model):
+            state_dict = gathered_state_dict(self.model)
+        super()._save(output_dir, state_dict)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """Saves the adapter as the Trainer does, plus the gate report (`s3_gates.json`) next to it."""
