@@ -7,6 +7,7 @@ Importing the package registers the method with peft, after which `peft.get_peft
 from . import data, metrics
 from ._registration import register
 from .annealing import DEFAULT_ANNEALING, SearchAnnealing
+from .arguments import S3SearchArguments, SearchOptions
 from .gate_report import gate_report, load_gate_report, save_gate_report
 from .plotting import plot_structure, structure_matrix
 from .resolution import resolve
@@ -26,11 +27,13 @@ __all__ = [
     "MIX_SPACE",
     "Candidate",
     "S3Model",
+    "S3SearchArguments",
     "S3SearchCallback",
     "S3SearchConfig",
     "S3SearchTrainer",
     "SearchAnnealing",
     "SearchDivergedError",
+    "SearchOptions",
     "SearchedStructure",
     "__version__",
     "apply_structure",
