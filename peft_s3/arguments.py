@@ -89,8 +89,9 @@ class SearchOptions:
     unrolled_learning_rate: Optional[float] = field(
         default=None,
         metadata={
-            "help": "xi, the step size of second order's virtual delta update (a finite float > 0). None: the delta "
-            "learning rate in force at that step, as the paper defines xi."
+            "help": "xi, the step size of second order's virtual delta update (a finite float >= 0; 0 drops the "
+            "Hessian term and its finite-difference passes: 2 passes per step). None: the delta learning rate in "
+            "force at that step, as the paper defines xi."
         },
     )
     finite_difference: str = field(
@@ -202,11 +203,11 @@ class SearchOptions:
         if self.bilevel not in BILEVEL_MODES:
             raise ValueError(f"bilevel={self.bilevel!r} is not allowed: choose one of {list(BILEVEL_MODES)}.")
         if self.unrolled_learning_rate is not None and not (
-            _is_real(self.unrolled_learning_rate) and 0 < self.unrolled_learning_rate < math.inf
+            _is_real(self.unrolled_learning_rate) and 0 <= self.unrolled_learning_rate < math.inf
         ):
             raise ValueError(
                 f"unrolled_learning_rate={self.unrolled_learning_rate!r} is not allowed: it must be a finite float "
-                "> 0, or None for args.learning_rate."
+                ">= 0, or None for the delta learning rate in force at the step."
             )
         if self.finite_difference not in FINITE_DIFFERENCES:
             raise ValueError(
