@@ -176,7 +176,9 @@ def tiny_model_dir(tmp_path: Path) -> Path:
     texts = load_dataset_splits("amazon_food", max_train=200)["train"]["text"]
     words = Counter(word for text in texts for word in re.findall(r"\w+", text.lower()))
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [word for word, _ in words.most_common(59)]
-    (tmp_path / "vocab.txt").write_text("\n".join(vocab))
-    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    # transformers 5's BertTokenizerFast ignores vocab_file and builds an empty vocabulary; it takes the dict.
+    tokenizer = BertTokenizerFast(vocab={word: index for index, word in enumerate(vocab)})
+    assert len(tokenizer) == len(vocab)
+    tokenizer.save_pretrained(tmp_path)
     TINY_MODELS["bert"]().save_pretrained(tmp_path)
     return tmp_path
