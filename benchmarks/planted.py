@@ -697,7 +697,7 @@ def run_case(
         trainer = _trainer(student, dataset, heldout, variant, seed, settings, output_dir)
         trainer.train()
     # With select_on_validation the search's answer is the best structure it evaluated, not the final gates'.
-    if trainer.select_on_validation:
+    if trainer.search_options.select_on_validation:
         structure = trainer.best_structure
     else:
         structure = peft_s3.resolve(student, **variant.resolve)

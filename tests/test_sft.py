@@ -93,7 +93,7 @@ def _step_batches(trainer: S3SFTTrainer) -> tuple[list, list]:
     trainer.create_optimizer_and_scheduler(num_training_steps=trainer.args.max_steps)
     loader = iter(trainer.get_train_dataloader())
     delta_batches = [next(loader) for _ in range(2)]
-    search_batches = [trainer._next_search_batch() for _ in range(2)]
+    search_batches = [trainer.search_controller.next_search_batch() for _ in range(2)]
     lengths = [int((batch["labels"] != -100).sum()) for batch in search_batches]
     assert lengths[0] != lengths[1], "the test needs micro-batches with different numbers of completion tokens"
     return delta_batches, search_batches
@@ -104,7 +104,7 @@ def test_alpha_gradient_is_the_token_weighted_one(tmp_path, arch: str) -> None:
     trainer = _trainer(tmp_path, arch=arch)
     model = trainer.model
     delta_batches, search_batches = _step_batches(trainer)
-    alpha, deltas = trainer._alpha, trainer._delta_parameters
+    alpha, deltas = trainer.search_controller.alpha, trainer.search_controller.delta_parameters
     with torch.no_grad():
         for delta in deltas:  # away from the zero initialisation, so every gate matters to the loss
             delta.normal_(std=0.2, generator=torch.Generator().manual_seed(0))

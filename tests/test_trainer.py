@@ -220,7 +220,7 @@ def test_second_order_gradient_matches_exact_unrolled_gradient(tmp_path, finite_
     )
     trainer.create_optimizer()
     delta_batch, search_batch = make_batch("bert", 8, seed=1), make_batch("bert", 8, seed=2)
-    alpha, deltas = alpha_of(model), trainer._delta_parameters
+    alpha, deltas = alpha_of(model), trainer.search_controller.delta_parameters
     names = {id(p): name for name, p in model.named_parameters()}
     model.train()
     with model.base_model.frozen_gate_noise():
@@ -426,7 +426,7 @@ def test_seeded_passes_share_dropout_masks_and_forward_agrees_with_central(tmp_p
         corrections.append(result.correction)
         return result
 
-    monkeypatch.setattr(peft_s3.trainer, "second_order_alpha_gradient", recorded)
+    monkeypatch.setattr(peft_s3.search_step, "second_order_alpha_gradient", recorded)
 
     def step(finite_difference: str) -> list[list[torch.Tensor]]:
         model = search_model(init_weights=False)
@@ -676,7 +676,7 @@ def test_non_reentrant_activation_checkpointing(tmp_path):
         ({"finite_difference": "backward"}, "finite_difference='backward' is not allowed: choose one of"),
         ({"alpha_warmup_steps": -1}, "alpha_warmup_steps=-1"),
         ({"alpha_warmup_steps": 1.5}, "alpha_warmup_steps=1.5"),
-        ({"alpha_warmup_steps": 1.0}, r"alpha_warmup_steps=1.0 is not allowed: .* or a float in \[0, 1\)"),
+        ({"alpha_warmup_steps": -0.5}, r"alpha_warmup_steps=-0.5 is not allowed: .* or a float in \[0, 1\)"),
         ({"alpha_warmup_steps": True}, "alpha_warmup_steps=True"),
         ({"alpha_lr_scheduler_type": "step"}, "alpha_lr_scheduler_type='step' is not allowed: choose one of"),
         ({"search_dataset": MarkerTask(0)}, "search_dataset is empty"),
@@ -778,7 +778,9 @@ def _ddp_worker(output_dir: str) -> None:
     )  # fmt: skip
     trainer = S3SearchTrainer(model=model, args=args, train_dataset=MarkerTask(64), bilevel="second_order")
     trainer.train()
-    state = torch.cat([alpha_of(model).detach()] + [p.detach().reshape(-1) for p in trainer._delta_parameters])
+    state = torch.cat(
+        [alpha_of(model).detach()] + [p.detach().reshape(-1) for p in trainer.search_controller.delta_parameters]
+    )
     gathered = [torch.empty_like(state) for _ in range(2)]
     torch.distributed.all_gather(gathered, state)
     assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
