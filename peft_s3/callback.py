@@ -19,7 +19,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .arguments import SearchOptions
 from .estimators import requires_grad
-from .search_step import SearchController, check_checkpointing_arguments, check_model_checkpointing, search_adapter
+from .search_step import SearchController, check_checkpointing_arguments, search_adapter
 
 # The search options a callback can honour; the others need the Trainer's step (S3SearchTrainer).
 CALLBACK_OPTIONS = (
@@ -87,7 +87,6 @@ class S3SearchCallback(TrainerCallback):
         check_checkpointing_arguments(args)
         model = kwargs.get("model")
         controller = SearchController(model, self.options, args, lambda: self.search_dataloader)
-        check_model_checkpointing(model)
         optimizer = kwargs.get("optimizer")
         if controller.alpha.requires_grad or (
             optimizer is not None and any(p is controller.alpha for g in optimizer.param_groups for p in g["params"])

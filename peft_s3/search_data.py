@@ -1,5 +1,5 @@
-"""The data of a structure search: the split of a training set into D_alpha and D_delta (`split_search_data`), and
-the endless, resumable stream of D_alpha batches (`SearchBatches`)."""
+"""The data of a structure search: D_alpha and D_delta (`search_and_delta_data`, `split_search_data`), and the
+endless, resumable stream of D_alpha batches (`SearchBatches`)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,27 @@ from typing import Any, Optional
 import torch
 from torch.utils.data import Dataset, Subset
 from transformers.trainer_utils import has_length
+
+# The share of train_dataset split off as D_alpha when search_split is None, as in the paper.
+DEFAULT_SEARCH_SPLIT = 0.5
+
+
+def search_and_delta_data(
+    train_dataset: Optional[Dataset], search_dataset: Optional[Dataset], search_split: Optional[float], seed: int
+) -> tuple[Dataset, Optional[Dataset]]:
+    """(D_alpha, D_delta): `search_dataset` and `train_dataset` as given, or, without a `search_dataset`, the share
+    `search_split` of `train_dataset` split off as D_alpha (`split_search_data`) and the rest."""
+    if search_dataset is None:
+        fraction = DEFAULT_SEARCH_SPLIT if search_split is None else search_split
+        return split_search_data(train_dataset, fraction, seed)
+    if search_split is not None:
+        raise ValueError(
+            f"Pass either search_dataset (an explicit D_alpha) or search_split={search_split!r} (the fraction of "
+            "train_dataset to split off as D_alpha), not both."
+        )
+    if has_length(search_dataset) and len(search_dataset) == 0:
+        raise ValueError("search_dataset is empty; D_alpha needs at least one example.")
+    return search_dataset, train_dataset
 
 
 def split_search_data(dataset: Optional[Dataset], fraction: float, seed: int) -> tuple[Dataset, Dataset]:

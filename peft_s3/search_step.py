@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Optional
 
@@ -29,6 +30,7 @@ from peft import PeftModel
 from torch import nn
 from transformers import TrainingArguments
 from transformers.optimization import get_scheduler
+from transformers.utils import logging
 
 from .arguments import SearchOptions
 from .estimators import first_order_alpha_gradient, second_order_alpha_gradient
@@ -37,6 +39,10 @@ from .selection import decided_mass, select
 from .tuner.gates import GateBank, gate_entropy
 from .tuner.model import S3Model
 
+logger = logging.get_logger(__name__)
+
+# The search's state in a checkpoint (`SearchController.save`).
+SEARCH_STATE_NAME = "s3_search_state.pt"
 # Maps a micro-batch to its share of the loss of the step's micro-batches (see `estimators.py`).
 LossShare = Callable[[Any], torch.Tensor]
 
@@ -178,12 +184,13 @@ class SearchController:
     """
     The alpha side of one search run over `model`'s active search adapter, with the options of `options`.
 
-    Made when the run's optimizer is: it finds the adapter's gates and alpha, remembers the config's temperatures
-    (the ends of the annealing) and takes every other trainable parameter as delta. `start(model, num_steps)`, once
-    the run's length is known, takes the deltas again, creates the alpha AdamW (with `args`' Adam betas and epsilon)
-    and its schedule over the alpha updates, and starts the D_alpha stream afresh; `search_dataloader` makes that
-    stream's dataloader, called at the first alpha step. Per optimizer step the caller runs `begin_step`,
-    `alpha_step` when `updates_alpha`, the delta update, then `end_step`.
+    Made when the run's optimizer is: it finds the adapter's gates and alpha, checks the model's activation
+    checkpointing, remembers the config's temperatures (the ends of the annealing) and takes every other trainable
+    parameter as delta. `start(model, num_steps)`, once the run's length is known, takes the deltas again, creates
+    the alpha AdamW (with `args`' Adam betas and epsilon) and its schedule over the alpha updates, and starts the
+    D_alpha stream afresh; `search_dataloader` makes that stream's dataloader, called at the first alpha step. Per
+    optimizer step the caller runs `begin_step`, `alpha_step` when `updates_alpha`, the delta update, then
+    `end_step`; `save` and `load` carry all of it through checkpoints.
     """
 
     def __init__(
@@ -197,6 +204,7 @@ class SearchController:
         self.args = args
         self.search_dataloader = search_dataloader
         self.tuner, self.bank, self.alpha = search_adapter(model)
+        check_model_checkpointing(model)
         self.final_temperatures = (self.bank.tau, self.bank.beta)
         self.delta_parameters = self._deltas(model)
         self.optimizer: Optional[torch.optim.Optimizer] = None
@@ -344,10 +352,10 @@ class SearchController:
             self._alpha_loss_steps = 0
         return metrics
 
-    def state_dict(self) -> dict[str, Any]:
+    def save(self, output_dir: str, **search_state: Any) -> None:
         """The alpha optimizer, its schedule, the D_alpha stream's position and, under "search", what the search
-        holds beyond them, for a resume bit for bit."""
-        return {
+        holds beyond them (with `search_state` of the caller), into `output_dir`'s `SEARCH_STATE_NAME`."""
+        state = {
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "search_batches": self._stream_state if self._batches is None else self._batches.state_dict(),
@@ -359,20 +367,37 @@ class SearchController:
                 "logged_resolved": self._logged_resolved,
                 "alpha_loss_sum": None if self._alpha_loss_sum is None else self._alpha_loss_sum.detach().cpu(),
                 "alpha_loss_steps": self._alpha_loss_steps,
+                **search_state,
             },
         }
+        torch.save(state, os.path.join(output_dir, SEARCH_STATE_NAME))
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Loads a `state_dict`; checkpoints written before the search state was kept have no "search" entry."""
+    def load(self, checkpoint: str) -> Optional[dict[str, Any]]:
+        """Resumes from what `save` wrote into `checkpoint`; returns its "search" entry, None for a checkpoint
+        without one (written by an older version, or by a plain Trainer)."""
+        path = os.path.join(checkpoint, SEARCH_STATE_NAME)
+        if not os.path.isfile(path):
+            logger.warning(
+                f"{checkpoint} has no {SEARCH_STATE_NAME}: the alpha optimizer and the D_alpha data order start "
+                "afresh (the alphas themselves are restored with the adapter weights)."
+            )
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self._stream_state = dict(state["search_batches"])
         self._batches = None
-        if "search" in state:
-            search = state["search"]
-            self.bank.zeta = search["zeta"]
-            self._stable_resolved, self._stable_since = search["stable_resolved"], search["stable_since"]
-            self._logged_resolved = search["logged_resolved"]
-            loss_sum = search["alpha_loss_sum"]
-            self._alpha_loss_sum = None if loss_sum is None else loss_sum.to(self.args.device)
-            self._alpha_loss_steps = search["alpha_loss_steps"]
+        if "search" not in state:
+            logger.warning(
+                f"{checkpoint} was written before the search state was checkpointed: stop_when_stable counts and "
+                "select_on_validation's evaluations start afresh."
+            )
+            return None
+        search = state["search"]
+        self.bank.zeta = search["zeta"]
+        self._stable_resolved, self._stable_since = search["stable_resolved"], search["stable_since"]
+        self._logged_resolved = search["logged_resolved"]
+        loss_sum = search["alpha_loss_sum"]
+        self._alpha_loss_sum = None if loss_sum is None else loss_sum.to(self.args.device)
+        self._alpha_loss_steps = search["alpha_loss_steps"]
+        return search

@@ -9,44 +9,40 @@ runs the same controller for scripts that cannot change their `Trainer` class.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
-import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Optional
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 from transformers import Trainer
-from transformers.trainer_utils import has_length
-from transformers.utils import logging
 
 from .arguments import SearchOptions
 from .callback import S3SearchCallback
-from .distributed import check_sharded_search, gathered_state_dict, is_fsdp2_sharded, keep_alpha_out_of_accelerate_fsdp
+from .distributed import (
+    check_sharded_search,
+    gathered_state_dict,
+    is_fsdp2_sharded,
+    keep_alpha_out_of_accelerate_fsdp,
+    keep_alpha_out_of_ddp,
+)
 from .estimators import requires_grad
 from .gate_report import save_gate_report
-from .resolution import resolve
-from .search_data import split_search_data
+from .search_data import search_and_delta_data
 from .search_step import (
+    SEARCH_STATE_NAME,
     DeltaStep,
     SearchController,
     SearchDivergedError,
     check_checkpointing_arguments,
-    check_model_checkpointing,
     search_adapter,
 )
 from .structure import SearchedStructure
+from .validation import BEST_STRUCTURE_NAME, StructureValidation
 
 __all__ = ["BEST_STRUCTURE_NAME", "SEARCH_STATE_NAME", "S3SearchCallback", "S3SearchTrainer", "SearchDivergedError"]
-
-logger = logging.get_logger(__name__)
-
-SEARCH_STATE_NAME = "s3_search_state.pt"
-# With select_on_validation, the best structure so far, in a checkpoint (`SearchedStructure.save`'s JSON).
-BEST_STRUCTURE_NAME = "s3_best_structure.json"
-_DEFAULT_SEARCH_SPLIT = 0.5
 
 
 class S3SearchTrainer(Trainer):
@@ -86,35 +82,18 @@ class S3SearchTrainer(Trainer):
         overrides = {name: kwargs.pop(name) for name in SearchOptions.names() if name in kwargs}
         super().__init__(*args, **kwargs)
         self.search_options = SearchOptions.from_arguments(self.args, **overrides)
-        search_split = self.search_options.search_split
-        if search_dataset is not None and search_split is not None:
-            raise ValueError(
-                f"Pass either search_dataset (an explicit D_alpha) or search_split={search_split!r} (the fraction of "
-                "train_dataset to split off as D_alpha), not both."
-            )
         if self.args.fp16:
             raise ValueError("fp16=True is not supported by S3SearchTrainer (no loss scaling for alpha); use bf16.")
         check_sharded_search(self)
         check_checkpointing_arguments(self.args)
         if self.model is not None:
             search_adapter(self.model)
-        if self.search_options.select_on_validation and (self.eval_dataset is None or self.args.eval_strategy == "no"):
-            raise ValueError(
-                "select_on_validation=True evaluates the resolved structure during the search: pass an eval_dataset "
-                f"and an eval_strategy other than 'no' (got eval_dataset={type(self.eval_dataset).__name__}, "
-                f"eval_strategy={self.args.eval_strategy!r})."
-            )
-        self.best_structure: Optional[SearchedStructure] = None
-        """With select_on_validation: the resolved structure of the best evaluation so far."""
-        self.structure_evaluations: list[dict[str, Any]] = []
-        """With select_on_validation: per evaluation, the step, the metric and the resolved structure's candidates."""
-        if search_dataset is None:
-            fraction = _DEFAULT_SEARCH_SPLIT if search_split is None else search_split
-            self.search_dataset, self.train_dataset = split_search_data(self.train_dataset, fraction, self.args.seed)
-        else:
-            if has_length(search_dataset) and len(search_dataset) == 0:
-                raise ValueError("search_dataset is empty; D_alpha needs at least one example.")
-            self.search_dataset = search_dataset
+        self.structure_validation = StructureValidation(self.search_options.selection_method)
+        if self.search_options.select_on_validation:
+            self.structure_validation.check_evaluation(self.eval_dataset, self.args)
+        self.search_dataset, self.train_dataset = search_and_delta_data(
+            self.train_dataset, search_dataset, self.search_options.search_split, self.args.seed
+        )
         # Made when training starts (create_optimizer): the model may come from model_init only then.
         self.search_controller: Optional[SearchController] = None
         # The D_delta micro-batches of the coming optimizer step, handed over by get_batch_samples.
@@ -122,6 +101,16 @@ class S3SearchTrainer(Trainer):
         self._step_delta_items: Optional[Any] = None
         # Second order: the step's D_delta micro-batch losses, whose delta gradient is already in place.
         self._computed_delta_losses: list[torch.Tensor] = []
+
+    @property
+    def best_structure(self) -> Optional[SearchedStructure]:
+        """With select_on_validation: the resolved structure of the best evaluation so far."""
+        return self.structure_validation.best
+
+    @property
+    def structure_evaluations(self) -> list[dict[str, Any]]:
+        """With select_on_validation: per evaluation, the step, the metric and the resolved structure's candidates."""
+        return self.structure_validation.evaluations
 
     @property
     def alpha_optimizer(self) -> Optional[torch.optim.Optimizer]:
@@ -135,13 +124,9 @@ class S3SearchTrainer(Trainer):
 
     def create_optimizer(self, model: Optional[nn.Module] = None) -> torch.optim.Optimizer:
         """The Trainer's optimizer, over every trainable parameter except alpha, which has its own optimizer."""
-        check_model_checkpointing(self.model)
         self.search_controller = SearchController(self.model, self.search_options, self.args, self._search_dataloader)
         alpha = self.search_controller.alpha
-        # DDP never sees alpha: its gradient comes from forward passes outside the DDP wrapper and is averaged
-        # explicitly, and it does not take part in the delta backward at all.
-        alpha_names = [name for name, p in self.model.named_parameters() if p is alpha]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(self.model, alpha_names)
+        alpha_names = keep_alpha_out_of_ddp(self.model, alpha)
         keep_alpha_out_of_accelerate_fsdp(self, self.search_controller.tuner.s3_alpha)
         user_optimizer = self.optimizer is not None
         with requires_grad([alpha], False):
@@ -282,29 +267,11 @@ class S3SearchTrainer(Trainer):
     ) -> dict[str, float]:
         """`Trainer.evaluate`; with select_on_validation, of the structure `resolve` would pick now (its 0/1 mask as
         the gates, the current deltas), keeping the best one in `best_structure`."""
+        evaluate = functools.partial(super().evaluate, eval_dataset, ignore_keys, metric_key_prefix)
         if not self.search_options.select_on_validation or self.search_controller is None:
-            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        structure = resolve(self.model, method=self.search_options.selection_method)
-        mask = torch.tensor([candidate.selected for candidate in structure.search_space], dtype=torch.float32)
-        with self.search_controller.tuner.fixed_eval_gates(mask):
-            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        name = self.args.metric_for_best_model or "loss"
-        key = name if name.startswith(f"{metric_key_prefix}_") else f"{metric_key_prefix}_{name}"
-        if key not in metrics:
-            raise ValueError(
-                f"select_on_validation compares evaluations by {key!r} (metric_for_best_model={name!r}), which the "
-                f"evaluation did not return; it returned {sorted(metrics)}."
-            )
-        greater = self.args.greater_is_better if self.args.greater_is_better is not None else not key.endswith("loss")
-        value = metrics[key]
-        earlier = [entry["value"] for entry in self.structure_evaluations]
-        if not earlier or (value > max(earlier) if greater else value < min(earlier)):
-            self.best_structure = structure
-        candidates = [c.name for c in structure.candidates]
-        self.structure_evaluations.append(
-            {"step": self.state.global_step, "metric": key, "value": value, "candidates": candidates}
-        )
-        return metrics
+            return evaluate()
+        step = self.state.global_step
+        return self.structure_validation.evaluate(self.model, evaluate, self.args, metric_key_prefix, step)
 
     # ------------------------------------------------------------------ logging and checkpoints
 
@@ -317,34 +284,14 @@ class S3SearchTrainer(Trainer):
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         super()._save_optimizer_and_scheduler(output_dir)
         if self.args.should_save and self.alpha_optimizer is not None:
-            state = self.search_controller.state_dict()
-            state["search"]["structure_evaluations"] = self.structure_evaluations
-            torch.save(state, os.path.join(output_dir, SEARCH_STATE_NAME))
-            if self.best_structure is not None:
-                self.best_structure.save(os.path.join(output_dir, BEST_STRUCTURE_NAME))
+            self.search_controller.save(output_dir, structure_evaluations=self.structure_evaluations)
+            self.structure_validation.save(output_dir)
 
     def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
         super()._load_optimizer_and_scheduler(checkpoint)
-        if checkpoint is None:
-            return
-        path = os.path.join(checkpoint, SEARCH_STATE_NAME)
-        if not os.path.isfile(path):
-            logger.warning(
-                f"{checkpoint} has no {SEARCH_STATE_NAME}: the alpha optimizer and the D_alpha data order start "
-                "afresh (the alphas themselves are restored with the adapter weights)."
-            )
-            return
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.search_controller.load_state_dict(state)
-        if "search" not in state:
-            logger.warning(
-                f"{checkpoint} was written before the search state was checkpointed: stop_when_stable counts and "
-                "select_on_validation's evaluations start afresh."
-            )
-            return
-        self.structure_evaluations = [dict(entry) for entry in state["search"]["structure_evaluations"]]
-        best = os.path.join(checkpoint, BEST_STRUCTURE_NAME)
-        self.best_structure = SearchedStructure.load(best) if os.path.isfile(best) else None
+        search_state = None if checkpoint is None else self.search_controller.load(checkpoint)
+        if search_state is not None:
+            self.structure_validation.load(checkpoint, search_state["structure_evaluations"])
 
     def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict[str, torch.Tensor]] = None) -> None:
         # A model sharded before the Trainer (shard_model) reaches here on every process, with DTensor shards.

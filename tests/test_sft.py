@@ -45,7 +45,7 @@ def _prompt_completion(count: int, seed: int = 0) -> Dataset:
     return Dataset.from_list([{"prompt": words(2, 6), "completion": " " + words(1, 14)} for _ in range(count)])
 
 
-def _config(tmp_path, **overrides) -> trl.SFTConfig:
+def _config(tmp_path, config_class: type | None = None, **overrides) -> trl.SFTConfig:
     settings = dict(
         output_dir=str(tmp_path),
         per_device_train_batch_size=2,
@@ -58,7 +58,7 @@ def _config(tmp_path, **overrides) -> trl.SFTConfig:
         use_cpu=True,
         seed=3,
     )
-    return trl.SFTConfig(**(settings | overrides))
+    return (config_class or trl.SFTConfig)(**(settings | overrides))
 
 
 def _trainer(tmp_path, bilevel: str = "first_order", arch: str = "llama", **overrides) -> S3SFTTrainer:
@@ -190,3 +190,19 @@ def test_search_dataset_is_prepared_like_the_training_data_and_packing_works(tmp
     assert "prompt" not in trainer.search_dataset.column_names
     trainer.train()
     assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+
+
+def test_search_options_come_from_an_s3_sft_config_and_keywords_take_precedence(tmp_path) -> None:
+    from peft_s3.arguments import S3SFTConfig
+
+    trainer = S3SFTTrainer(
+        model=TINY_MODELS["llama"](),
+        args=_config(tmp_path, S3SFTConfig, bilevel="first_order", alpha_update_interval=2, search_split=0.25),
+        train_dataset=_prompt_completion(16),
+        processing_class=_tokenizer(),
+        peft_config=S3SearchConfig(budget=400, task_type="CAUSAL_LM"),
+        alpha_update_interval=3,
+    )
+    options = trainer.search_options
+    assert (options.bilevel, options.alpha_update_interval, options.search_split) == ("first_order", 3, 0.25)
+    assert (len(trainer.search_dataset), len(trainer.train_dataset)) == (4, 12)
