@@ -298,6 +298,10 @@ class SearchController:
         if self.options.bilevel == "first_order":
             loss = first_order_alpha_gradient(search_loss_share, self.alpha, self.delta_parameters, search_batches)
         else:
+            if delta is None:
+                raise ValueError(
+                    "bilevel='second_order' needs the step's delta update (a DeltaStep) for its alpha step."
+                )
             # One seed per micro-batch for all passes of this step: the finite differences then compare the same
             # dropout masks, not mask noise (drawn from the global RNG, so checkpoints resume it).
             step_seed = int(torch.randint(2**62, (1,)))
