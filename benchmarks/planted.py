@@ -229,7 +229,7 @@ def _keyword_names(function: Any) -> set[str]:
 def _allowed_names() -> dict[str, set[str]]:
     # Read from the signatures at run time, so options added to the trainer, config or resolve pass straight through.
     allowed = {
-        "trainer": _keyword_names(peft_s3.S3SearchTrainer.__init__) - {"self"},
+        "trainer": _keyword_names(peft_s3.S3SearchTrainer.__init__) - {"self"} | set(peft_s3.SearchOptions.names()),
         "config": {f.name for f in dataclasses.fields(peft_s3.S3SearchConfig) if f.init},
         "resolve": _keyword_names(peft_s3.resolve),
         "args": {f.name for f in dataclasses.fields(TrainingArguments) if f.init},
@@ -697,7 +697,7 @@ def run_case(
         trainer = _trainer(student, dataset, heldout, variant, seed, settings, output_dir)
         trainer.train()
     # With select_on_validation the search's answer is the best structure it evaluated, not the final gates'.
-    if trainer.select_on_validation:
+    if trainer.search_options.select_on_validation:
         structure = trainer.best_structure
     else:
         structure = peft_s3.resolve(student, **variant.resolve)
@@ -817,10 +817,15 @@ def _field_default(field_: dataclasses.Field) -> str:
     return repr(field_.default)
 
 
+def _search_option_defaults() -> dict[str, str]:
+    defaults = peft_s3.SearchOptions()
+    return {name: repr(getattr(defaults, name)) for name in peft_s3.SearchOptions.names()}
+
+
 def library_defaults() -> dict[str, dict[str, str]]:
     """The defaults a variant inherits (as repr strings): `default` means these, and they change between commits."""
     return {
-        "trainer": _defaults(peft_s3.S3SearchTrainer.__init__),
+        "trainer": {**_defaults(peft_s3.S3SearchTrainer.__init__), **_search_option_defaults()},
         "config": {f.name: _field_default(f) for f in dataclasses.fields(peft_s3.S3SearchConfig) if f.init},
         "resolve": _defaults(peft_s3.resolve),
     }

@@ -71,7 +71,7 @@ def warmed_up_student(
         )
     # The trainer ends its schedules when it stops; the warm-up itself ran at their start.
     config = student.peft_config["default"]
-    trainer.annealing.apply(bank, config.tau, config.beta, progress=0.0)
+    trainer.search_options.annealing.apply(bank, config.tau, config.beta, progress=0.0)
     return teacher, student, dataset, bank.probabilities().detach()
 
 

@@ -1063,6 +1063,7 @@ def check_options(search_options: dict[str, Any], config_options: dict[str, Any]
     parameters = inspect.signature(S3SearchTrainer.__init__).parameters
     kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
     keywords = {name for name, p in parameters.items() if p.kind in kinds and name != "self"}
+    keywords |= set(peft_s3.SearchOptions.names())  # the trainer's search options, given as keyword arguments
     unknown = set(search_options) - keywords
     if unknown:
         raise ValueError(

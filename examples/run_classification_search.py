@@ -266,16 +266,15 @@ def search(
     budget = model_args.budget if model_args.budget < 1 else int(model_args.budget)
     config = peft_s3.S3SearchConfig(budget=budget, candidate_kinds=model_args.candidate_kinds, task_type="SEQ_CLS")
     model = peft.get_peft_model(fresh_classifier(task, args.seed), config)
-    options = SearchOptions.from_arguments(args)
     trainer = peft_s3.S3SearchTrainer(
         model=model,
-        args=trainer_arguments(args, "search"),
+        args=trainer_arguments(args, "search"),  # an S3SearchArguments: the trainer reads its search options
         train_dataset=task.splits["train"],
         eval_dataset=task.splits["validation"],
         data_collator=DataCollatorWithPadding(task.tokenizer),
         compute_metrics=classification_compute_metrics(),
-        **options.to_dict(),
     )
+    options = trainer.search_options
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started

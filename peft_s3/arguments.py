@@ -45,8 +45,8 @@ def _is_positive_int(value: object) -> bool:
 @dataclass
 class SearchOptions:
     """
-    Every option of one S3PET structure search (`S3SearchTrainer`'s keyword arguments besides `search_dataset`),
-    with its default and its validation; see the `help` of each field, or `S3SearchTrainer`'s docstring.
+    Every option of one S3PET structure search, with its default, its `help` and its validation: the one place the
+    trainers (`S3SearchTrainer`, `S3SFTTrainer`) and `S3SearchCallback` take them from.
 
     A plain `SearchOptions(...)` is the validated set of options of one search; mixed into a `TrainingArguments`
     (`S3SearchArguments`, `S3SFTConfig`) the same fields become command-line and config-file options.
@@ -246,7 +246,7 @@ class SearchOptions:
 
     @staticmethod
     def names() -> tuple[str, ...]:
-        """The option names, which are also `S3SearchTrainer`'s search keyword arguments."""
+        """The option names, which the trainers also take as keyword arguments (overriding `args`)."""
         return tuple(option.name for option in fields(SearchOptions))
 
     @classmethod
@@ -300,7 +300,7 @@ class S3SearchArguments(SearchOptions, TrainingArguments):
         ```py
         >>> from transformers import HfArgumentParser
         >>> (args,) = HfArgumentParser(peft_s3.S3SearchArguments).parse_yaml_file("search.yaml")
-        >>> options = peft_s3.SearchOptions.from_arguments(args)  # what the trainer searches with
+        >>> trainer = peft_s3.S3SearchTrainer(model=model, args=args, train_dataset=data)  # with args' options
         ```
     """
 

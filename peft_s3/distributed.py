@@ -25,6 +25,7 @@ from peft import get_peft_model_state_dict
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from .tuner.search_space import find_blocks
 
@@ -136,6 +137,14 @@ def _check_user_sharding(model: nn.Module) -> None:
             "nothing would average their gradients across processes. Leave only the S3 structural parameters out "
             "of fully_shard (peft_s3.distributed.shard_model does)."
         )
+
+
+def keep_alpha_out_of_ddp(model: nn.Module, alpha: nn.Parameter) -> list[str]:
+    """Makes DDP ignore alpha (its gradient comes from passes outside the DDP wrapper and is averaged explicitly, and
+    it takes no part in the delta backward); returns its parameter names."""
+    names = [name for name, p in model.named_parameters() if p is alpha]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
+    return names
 
 
 def keep_alpha_out_of_accelerate_fsdp(trainer: Trainer, alphas: nn.Module) -> None:

@@ -175,7 +175,7 @@ def search_structure(
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
-    final = resolve(model, method=trainer.selection_method)
+    final = resolve(model, method=trainer.search_options.selection_method)
     structure = trainer.best_structure if select_on_validation else final
     # The resolved structure carries every candidate's final p: no second pass over the gates is needed.
     space = final.search_space

@@ -27,7 +27,8 @@ class S3SFTTrainer(S3SearchTrainer, SFTTrainer):
     """
     `trl.SFTTrainer` that searches an S3 structure: the bi-level step of `S3SearchTrainer` on SFT data.
 
-    Takes every argument of `SFTTrainer` (an `SFTConfig` as `args`) plus the search arguments of `S3SearchTrainer`.
+    Takes every argument of `SFTTrainer` plus `search_dataset`; the search options come from `args` as in
+    `S3SearchTrainer` (an `S3SFTConfig`, `peft_s3.arguments`, carries them; keyword arguments take precedence).
     The model is either a PeftModel with an S3 search adapter or a base model with
     `peft_config=S3SearchConfig(...)`, which `SFTTrainer` applies itself. A `search_dataset` (D_alpha) is prepared
     exactly like `train_dataset`; without one, the prepared `train_dataset` is split (after packing, the split is

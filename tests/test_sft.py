@@ -45,7 +45,7 @@ def _prompt_completion(count: int, seed: int = 0) -> Dataset:
     return Dataset.from_list([{"prompt": words(2, 6), "completion": " " + words(1, 14)} for _ in range(count)])
 
 
-def _config(tmp_path, **overrides) -> trl.SFTConfig:
+def _config(tmp_path, config_class: type | None = None, **overrides) -> trl.SFTConfig:
     settings = dict(
         output_dir=str(tmp_path),
         per_device_train_batch_size=2,
@@ -58,7 +58,7 @@ def _config(tmp_path, **overrides) -> trl.SFTConfig:
         use_cpu=True,
         seed=3,
     )
-    return trl.SFTConfig(**(settings | overrides))
+    return (config_class or trl.SFTConfig)(**(settings | overrides))
 
 
 def _trainer(tmp_path, bilevel: str = "first_order", arch: str = "llama", **overrides) -> S3SFTTrainer:
@@ -93,7 +93,7 @@ def _step_batches(trainer: S3SFTTrainer) -> tuple[list, list]:
     trainer.create_optimizer_and_scheduler(num_training_steps=trainer.args.max_steps)
     loader = iter(trainer.get_train_dataloader())
     delta_batches = [next(loader) for _ in range(2)]
-    search_batches = [trainer._next_search_batch() for _ in range(2)]
+    search_batches = [trainer.search_controller.next_search_batch() for _ in range(2)]
     lengths = [int((batch["labels"] != -100).sum()) for batch in search_batches]
     assert lengths[0] != lengths[1], "the test needs micro-batches with different numbers of completion tokens"
     return delta_batches, search_batches
@@ -104,7 +104,7 @@ def test_alpha_gradient_is_the_token_weighted_one(tmp_path, arch: str) -> None:
     trainer = _trainer(tmp_path, arch=arch)
     model = trainer.model
     delta_batches, search_batches = _step_batches(trainer)
-    alpha, deltas = trainer._alpha, trainer._delta_parameters
+    alpha, deltas = trainer.search_controller.alpha, trainer.search_controller.delta_parameters
     with torch.no_grad():
         for delta in deltas:  # away from the zero initialisation, so every gate matters to the loss
             delta.normal_(std=0.2, generator=torch.Generator().manual_seed(0))
@@ -190,3 +190,19 @@ def test_search_dataset_is_prepared_like_the_training_data_and_packing_works(tmp
     assert "prompt" not in trainer.search_dataset.column_names
     trainer.train()
     assert all(math.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+
+
+def test_search_options_come_from_an_s3_sft_config_and_keywords_take_precedence(tmp_path) -> None:
+    from peft_s3.arguments import S3SFTConfig
+
+    trainer = S3SFTTrainer(
+        model=TINY_MODELS["llama"](),
+        args=_config(tmp_path, S3SFTConfig, bilevel="first_order", alpha_update_interval=2, search_split=0.25),
+        train_dataset=_prompt_completion(16),
+        processing_class=_tokenizer(),
+        peft_config=S3SearchConfig(budget=400, task_type="CAUSAL_LM"),
+        alpha_update_interval=3,
+    )
+    options = trainer.search_options
+    assert (options.bilevel, options.alpha_update_interval, options.search_split) == ("first_order", 3, 0.25)
+    assert (len(trainer.search_dataset), len(trainer.train_dataset)) == (4, 12)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import subprocess
@@ -16,6 +17,7 @@ from torch.func import functional_call
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import peft_s3
+from peft_s3.arguments import S3SearchArguments, SearchOptions
 from peft_s3.estimators import second_order_alpha_gradient, seeded
 from peft_s3.trainer import SEARCH_STATE_NAME, S3SearchCallback, S3SearchTrainer
 
@@ -63,7 +65,7 @@ def search_model(arch: str = "bert", **config_kwargs) -> peft.PeftModel:
         return peft.get_peft_model(TINY_MODELS[arch](), config)
 
 
-def arguments(output_dir: Path, **kwargs) -> TrainingArguments:
+def arguments(output_dir: Path, arguments_class: type = TrainingArguments, **kwargs) -> TrainingArguments:
     defaults = {
         "per_device_train_batch_size": 8,
         "learning_rate": 3e-2,
@@ -75,7 +77,7 @@ def arguments(output_dir: Path, **kwargs) -> TrainingArguments:
         "disable_tqdm": True,
         "seed": 3,
     }
-    return TrainingArguments(str(output_dir), **{**defaults, **kwargs})
+    return arguments_class(str(output_dir), **{**defaults, **kwargs})
 
 
 def alpha_of(model: peft.PeftModel) -> torch.nn.Parameter:
@@ -220,7 +222,7 @@ def test_second_order_gradient_matches_exact_unrolled_gradient(tmp_path, finite_
     )
     trainer.create_optimizer()
     delta_batch, search_batch = make_batch("bert", 8, seed=1), make_batch("bert", 8, seed=2)
-    alpha, deltas = alpha_of(model), trainer._delta_parameters
+    alpha, deltas = alpha_of(model), trainer.search_controller.delta_parameters
     names = {id(p): name for name, p in model.named_parameters()}
     model.train()
     with model.base_model.frozen_gate_noise():
@@ -415,6 +417,70 @@ def test_passes_per_optimizer_step_counted_over_a_run(tmp_path, setting):
     assert all(calls) and len(calls) / trainer.state.global_step == passes
 
 
+def options_of(options: SearchOptions) -> dict[str, object]:
+    return {name: getattr(options, name) for name in SearchOptions.names()}
+
+
+# (search options of the S3SearchArguments, keyword arguments of the trainer, passes per optimizer step)
+OPTIONS_FROM_ARGUMENTS = {
+    "read_from_args": ({"bilevel": "first_order"}, {}, 2.0),
+    "keyword_overrides_args": ({"bilevel": "first_order"}, {"bilevel": "second_order"}, 4.0),
+    "merged_per_option": ({"bilevel": "first_order", "alpha_update_interval": 2}, {"alpha_update_interval": 4}, 1.25),
+}
+
+
+@pytest.mark.parametrize("setting", OPTIONS_FROM_ARGUMENTS)
+def test_search_options_come_from_the_arguments_and_keywords_take_precedence(tmp_path, setting):
+    in_args, keywords, passes = OPTIONS_FROM_ARGUMENTS[setting]
+    model = search_model(init_weights=False)
+    calls = []
+    model.base_model.model.register_forward_pre_hook(lambda module, args: calls.append(module.training))
+    args = arguments(tmp_path, S3SearchArguments, max_steps=4, **in_args)
+    trainer = S3SearchTrainer(model=model, args=args, train_dataset=MarkerTask(64), **keywords)
+    assert options_of(trainer.search_options) == {**options_of(SearchOptions()), **in_args, **keywords}
+    assert (args.bilevel, args.alpha_update_interval) == (in_args["bilevel"], in_args.get("alpha_update_interval", 1))
+    trainer.train()
+    assert all(calls) and len(calls) / trainer.state.global_step == passes
+
+
+def test_trainer_and_arguments_share_one_set_of_defaults(tmp_path):
+    # The trainer declares no search option itself: SearchOptions' fields are the only defaults.
+    parameters = inspect.signature(S3SearchTrainer.__init__).parameters
+    assert not set(parameters) & set(SearchOptions.names())
+    assert not set(inspect.signature(S3SearchCallback.__init__).parameters) & set(SearchOptions.names())
+    plain = S3SearchTrainer(model=search_model(), args=arguments(tmp_path), train_dataset=MarkerTask(32))
+    searching = S3SearchTrainer(
+        model=search_model(), args=arguments(tmp_path, S3SearchArguments), train_dataset=MarkerTask(32)
+    )
+    assert options_of(plain.search_options) == options_of(searching.search_options) == options_of(SearchOptions())
+    assert plain.search_options.annealing == peft_s3.DEFAULT_ANNEALING
+    assert len(plain.search_dataset) == len(plain.train_dataset) == 16  # search_split None: half, as in the paper
+
+
+def test_search_split_from_the_arguments(tmp_path):
+    args = arguments(tmp_path, S3SearchArguments, search_split=0.25)
+    trainer = S3SearchTrainer(model=search_model(), args=args, train_dataset=MarkerTask(32))
+    assert (len(trainer.search_dataset), len(trainer.train_dataset)) == (8, 24)
+    with pytest.raises(ValueError, match="or search_split=0.25 .* not both"):
+        S3SearchTrainer(model=search_model(), args=args, train_dataset=MarkerTask(32), search_dataset=MarkerTask(8))
+
+
+def test_bad_and_unknown_search_keywords_are_refused_over_good_arguments(tmp_path):
+    args = arguments(tmp_path, S3SearchArguments, bilevel="first_order")
+    with pytest.raises(ValueError, match=r"bilevel='third_order' is not allowed: choose one of \['first_order'"):
+        S3SearchTrainer(model=search_model(), args=args, train_dataset=MarkerTask(32), bilevel="third_order")
+    with pytest.raises(TypeError, match="unexpected keyword argument 'alpha_lr'"):
+        S3SearchTrainer(model=search_model(), args=args, train_dataset=MarkerTask(32), alpha_lr=0.1)
+
+
+def test_callback_refuses_options_it_cannot_honour():
+    loader = torch.utils.data.DataLoader(MarkerTask(8), batch_size=4)
+    with pytest.raises(ValueError, match=r"\['bilevel', 'stop_when_stable'\] are not options of S3SearchCallback"):
+        S3SearchCallback(loader, bilevel="second_order", stop_when_stable=3)
+    with pytest.raises(ValueError, match=r"\['alpha_lr'\] are not options of S3SearchCallback"):
+        S3SearchCallback(loader, alpha_lr=0.1)
+
+
 def test_seeded_passes_share_dropout_masks_and_forward_agrees_with_central(tmp_path, monkeypatch):
     """Issue 24: with dropout on, every pass over a D_delta micro-batch in a second-order step sees the same masks,
     so the forward difference agrees with the central one within 5 % (the gate noise, drawn lazily in the first
@@ -426,7 +492,7 @@ def test_seeded_passes_share_dropout_masks_and_forward_agrees_with_central(tmp_p
         corrections.append(result.correction)
         return result
 
-    monkeypatch.setattr(peft_s3.trainer, "second_order_alpha_gradient", recorded)
+    monkeypatch.setattr(peft_s3.search_step, "second_order_alpha_gradient", recorded)
 
     def step(finite_difference: str) -> list[list[torch.Tensor]]:
         model = search_model(init_weights=False)
@@ -552,7 +618,8 @@ def test_an_exactly_zero_alpha_gradient_spends_no_alpha_step(tmp_path):
     assert trainer.alpha_lr_scheduler.last_epoch == 1
 
 
-@pytest.mark.parametrize("warmup", [2, 0.3])  # 0.3 of 4 steps is 1.2, rounded up to 2 as TrainingArguments does
+# 0.3 of 4 steps is 1.2, rounded up to 2 as TrainingArguments does; 2.0 is the count 2, as SearchOptions reads it.
+@pytest.mark.parametrize("warmup", [2, 0.3, 2.0])
 def test_alpha_warmup_trains_only_deltas_first(tmp_path, warmup):
     model = search_model(init_weights=False)
     trainer = S3SearchTrainer(
@@ -676,7 +743,7 @@ def test_non_reentrant_activation_checkpointing(tmp_path):
         ({"finite_difference": "backward"}, "finite_difference='backward' is not allowed: choose one of"),
         ({"alpha_warmup_steps": -1}, "alpha_warmup_steps=-1"),
         ({"alpha_warmup_steps": 1.5}, "alpha_warmup_steps=1.5"),
-        ({"alpha_warmup_steps": 1.0}, r"alpha_warmup_steps=1.0 is not allowed: .* or a float in \[0, 1\)"),
+        ({"alpha_warmup_steps": -0.5}, r"alpha_warmup_steps=-0.5 is not allowed: .* or a float in \[0, 1\)"),
         ({"alpha_warmup_steps": True}, "alpha_warmup_steps=True"),
         ({"alpha_lr_scheduler_type": "step"}, "alpha_lr_scheduler_type='step' is not allowed: choose one of"),
         ({"search_dataset": MarkerTask(0)}, "search_dataset is empty"),
@@ -778,7 +845,9 @@ def _ddp_worker(output_dir: str) -> None:
     )  # fmt: skip
     trainer = S3SearchTrainer(model=model, args=args, train_dataset=MarkerTask(64), bilevel="second_order")
     trainer.train()
-    state = torch.cat([alpha_of(model).detach()] + [p.detach().reshape(-1) for p in trainer._delta_parameters])
+    state = torch.cat(
+        [alpha_of(model).detach()] + [p.detach().reshape(-1) for p in trainer.search_controller.delta_parameters]
+    )
     gathered = [torch.empty_like(state) for _ in range(2)]
     torch.distributed.all_gather(gathered, state)
     assert type(trainer.model_wrapped).__name__ == "DistributedDataParallel"
