@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from peft import PeftModel
+from peft.tuners.lora import LoraLayer
+from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from peft.utils.incremental_pca import IncrementalPCA
 from torch import nn
@@ -81,18 +83,14 @@ PCA_OVERSAMPLING = 8
 
 @dataclass
 class _Stream:
-    """Activations whose principal directions start one down-projection of an S3 layer."""
+    """Activations of an adapter layer's base module whose top `rank` principal directions start a down-projection."""
 
     path: str
-    layer: S3Layer
-    parameter: nn.Parameter
-    """LoRA A (rank, in_features) or the adapter's down-projection (adapter_rank, width)."""
+    layer: BaseTunerLayer
     side: str
     """'input' (LoRA A reads the module's input) or 'output' (the adapter reads the module's output)."""
-
-    @property
-    def rank(self) -> int:
-        return self.parameter.shape[0]
+    rank: int
+    width: int
 
 
 def check_eva_applies(base_model: nn.Module, structure: SearchedStructure) -> None:
@@ -107,17 +105,17 @@ def check_eva_applies(base_model: nn.Module, structure: SearchedStructure) -> No
         )
 
 
-def _streams(tuner: S3Model, adapter_name: str) -> list[_Stream]:
-    """The down-projections of `adapter_name` that EVA initialises, in model order."""
-    streams = []
+def _s3_targets(tuner: S3Model, adapter_name: str) -> list[tuple[_Stream, nn.Parameter]]:
+    """The down-projections of `adapter_name` that EVA initialises (LoRA A, adapter down), with their streams."""
+    targets = []
     for path, layer in tuner.model.named_modules():
         if not isinstance(layer, S3Layer):
             continue
-        if adapter_name in layer.s3_lora_A:
-            streams.append(_Stream(path, layer, layer.s3_lora_A[adapter_name], "input"))
-        if adapter_name in layer.s3_adapter_down:
-            streams.append(_Stream(path, layer, layer.s3_adapter_down[adapter_name], "output"))
-    return streams
+        for side, parameters in (("input", layer.s3_lora_A), ("output", layer.s3_adapter_down)):
+            if adapter_name in parameters:
+                parameter = parameters[adapter_name]
+                targets.append((_Stream(path, layer, side, *parameter.shape), parameter))
+    return targets
 
 
 def _first_tensor(value: Any) -> Optional[torch.Tensor]:
@@ -151,12 +149,12 @@ def _rows(activation: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tenso
 def _batches(dataloader: Iterable, config: EvaInitConfig, device: torch.device) -> list[dict[str, Any]]:
     batches = list(islice(dataloader, config.num_batches))
     if not batches:
-        raise ValueError("init='eva' got an empty init_dataloader: it needs at least one batch of model inputs.")
+        raise ValueError("EVA got an empty dataloader: it needs at least one batch of model inputs.")
     for batch in batches:
         if not isinstance(batch, Mapping):
             raise ValueError(
-                f"init='eva' needs init_dataloader batches that are mappings of model inputs (model(**batch)), such "
-                f"as a DataLoader with a data collator yields; got a {type(batch).__name__}."
+                f"EVA needs dataloader batches that are mappings of model inputs (model(**batch)), such as a "
+                f"DataLoader with a data collator yields; got a {type(batch).__name__}."
             )
     return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for batch in batches]
 
@@ -170,7 +168,6 @@ class _Collector:
 
     def __init__(self, streams: list[_Stream]) -> None:
         self.streams = streams
-        self.mask: Optional[torch.Tensor] = None
         self.owner: dict[int, int] = {}
         self.pca: dict[int, IncrementalPCA] = {}
 
@@ -204,7 +201,7 @@ class _Collector:
             self.owner.setdefault(index, index)
         for owner in sorted(set(self.owner.values())):
             rank = max(stream.rank for i, stream in enumerate(self.streams) if self.owner[i] == owner)
-            width = self.streams[owner].parameter.shape[1]
+            width = self.streams[owner].width
             # peft's EVA settings (randomised SVD with a fixed seed, in a forked RNG, on float32 activations), but
             # keeping more directions than the rank between batches: an incremental PCA truncated at the rank itself
             # drifts from the top directions when the leading singular values are close.
@@ -213,12 +210,12 @@ class _Collector:
             )
 
     def fit(self, run: Any, mask: Optional[torch.Tensor]) -> None:
-        self.mask = mask
+        """Update each stream's PCA with the positions `mask` selects of what it receives during `run()`."""
 
         def record(index: int, activation: torch.Tensor) -> None:
             if index not in self.pca:
                 return
-            rows = _rows(activation.detach(), self.mask).to(torch.float32)
+            rows = _rows(activation.detach(), mask).to(torch.float32)
             # As peft: a batch with fewer rows than components cannot update the PCA and is skipped.
             if rows.shape[0] >= self.pca[index].n_components:
                 self.pca[index].partial_fit(rows)
@@ -235,16 +232,14 @@ class _Collector:
 
 
 @torch.no_grad()
-def eva_initialise(model: PeftModel, adapter_name: str, dataloader: Iterable, config: EvaInitConfig) -> None:
-    """Set every LoRA A and adapter down-projection of `adapter_name` to the principal directions of what it reads.
-
-    The activations are those of the base model (adapters disabled, eval mode) on the first `config.num_batches`
-    batches of `dataloader`. BitFit and LNFit deltas, LoRA B and adapter up-projections keep their fresh (zero) start.
-    """
-    tuner: S3Model = model.base_model
-    collector = _Collector(_streams(tuner, adapter_name))
-    if not collector.streams:
-        return
+def _principal_directions(
+    model: PeftModel, streams: list[_Stream], dataloader: Iterable, config: EvaInitConfig
+) -> list[torch.Tensor]:
+    """Per stream, its top `rank` principal directions (rows) over the first `config.num_batches` batches of
+    `dataloader`, as the base model computes them (adapters disabled, eval mode)."""
+    if not streams:
+        return []
+    collector = _Collector(streams)
     device = next(model.parameters()).device
     batches = _batches(dataloader, config, device)
     training = model.training
@@ -256,19 +251,49 @@ def eva_initialise(model: PeftModel, adapter_name: str, dataloader: Iterable, co
                 collector.fit(lambda batch=batch: model(**batch), _token_mask(batch, config))
     finally:
         model.train(training)
-    for index, stream in enumerate(collector.streams):
-        owner = collector.owner[index]
-        pca = collector.pca[owner]
+    directions = []
+    for index, stream in enumerate(streams):
+        pca = collector.pca[collector.owner[index]]
         if not hasattr(pca, "components_"):
             raise ValueError(
-                f"init='eva': the {stream.side} of {stream.path} got no batch with at least {pca.n_components} usable "
-                f"token positions (its rank {stream.rank} plus up to {PCA_OVERSAMPLING} directions kept for accuracy) "
-                f"in {len(batches)} batches, or the module never ran. Pass longer batches in init_dataloader."
+                f"EVA: the {stream.side} of {stream.path} got no batch with at least {pca.n_components} usable token "
+                f"positions (its rank {stream.rank} plus up to {PCA_OVERSAMPLING} directions kept for accuracy) in "
+                f"{len(batches)} batches, or the module never ran. Pass longer batches."
             )
-        directions = pca.components_[: stream.rank]
+        values = pca.components_[: stream.rank]
         if config.whiten:
-            directions = directions / pca.singular_values_[: stream.rank].sqrt().reshape(-1, 1)
-        stream.parameter.copy_(directions.to(stream.parameter.dtype))
+            values = values / pca.singular_values_[: stream.rank].sqrt().reshape(-1, 1)
+        directions.append(values)
+    return directions
+
+
+@torch.no_grad()
+def eva_initialise(model: PeftModel, adapter_name: str, dataloader: Iterable, config: EvaInitConfig) -> None:
+    """Set every LoRA A and adapter down-projection of the S3 adapter `adapter_name` to the top principal directions
+    of what it reads. BitFit and LNFit deltas, LoRA B and adapter up-projections keep their fresh (zero) start."""
+    targets = _s3_targets(model.base_model, adapter_name)
+    directions = _principal_directions(model, [stream for stream, _ in targets], dataloader, config)
+    for (_, parameter), values in zip(targets, directions, strict=True):
+        parameter.copy_(values.to(parameter.dtype))
+
+
+def lora_eva_state_dict(
+    model: PeftModel, dataloader: Iterable, config: Optional[EvaInitConfig] = None, adapter_name: str = "default"
+) -> dict[str, torch.Tensor]:
+    """EVA's A for every LoRA layer of a peft LoRA model at the layer's own rank, computed as `apply_structure`'s
+    init='eva' does, for `peft.tuners.lora.initialize_lora_eva_weights(model, eva_state_dict=...)`.
+
+    For a structure converted with `to_lora_config(init_lora_weights="eva")`: peft's own computation, even at
+    rho=1, gives modules that read the same input (query, key and value) the largest rank among them and takes
+    that rank from other modules, so the structure's ranks change; with this state dict they stay.
+    """
+    streams = [
+        _Stream(name, module, "input", module.r[adapter_name], module.in_features)
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A
+    ]
+    directions = _principal_directions(model, streams, dataloader, config or EvaInitConfig())
+    return {stream.path: values for stream, values in zip(streams, directions, strict=True)}
 
 
 # --------------------------------------------------------------------------------------------------- inheritance

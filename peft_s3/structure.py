@@ -377,7 +377,7 @@ class SearchedStructure:
         fresh start) or False. For "eva" the LoraConfig gets `eva_config=EvaConfig(rho=1.0)` (or yours, with
         rho=1.0): a larger rho would let peft move ranks between modules, and the structure fixes them. As with any
         LoraConfig, the data-driven ones need peft's own step after `get_peft_model`: for "eva"
-        `peft.tuners.lora.initialize_lora_eva_weights(model, dataloader)`, for "corda" and "lora_ga" peft's
+        `peft.tuners.lora.initialize_lora_eva_weights` (see `to_lora_config`), for "corda" and "lora_ga" peft's
         `preprocess_corda` / `preprocess_loraga` before it.
         """
         if policy not in LORA_POLICIES:
@@ -490,10 +490,17 @@ class SearchedStructure:
         """`lora_conversion(policy, init_lora_weights, **init_configs).config`, warning about every candidate that was
         dropped or approximated.
 
-        With `init_lora_weights="eva"`, initialise the model as peft requires before training:
+        With `init_lora_weights="eva"`, initialise the model as peft requires before training, with the directions
+        from `peft_s3.lora_eva_state_dict`:
 
             model = peft.get_peft_model(base, structure.to_lora_config(init_lora_weights="eva"))
-            peft.tuners.lora.initialize_lora_eva_weights(model, dataloader)
+            peft.tuners.lora.initialize_lora_eva_weights(
+                model, eva_state_dict=peft_s3.lora_eva_state_dict(model, dataloader)
+            )
+
+        `initialize_lora_eva_weights(model, dataloader)` computes them itself, but even at rho=1 it gives modules that
+        read the same input (query, key and value) the largest rank among them and takes that rank from other
+        modules (peft 0.21), so the structure's ranks change.
         """
         conversion = self.lora_conversion(policy, init_lora_weights, **init_configs)
         if not conversion.exact:

@@ -16,7 +16,7 @@ from test_moe import _model as moe_model
 from test_moe import _search as moe_search
 
 import peft_s3
-from peft_s3 import EvaInitConfig, S3SearchConfig, SearchedStructure, apply_structure, resolve
+from peft_s3 import EvaInitConfig, S3SearchConfig, SearchedStructure, apply_structure, lora_eva_state_dict, resolve
 from peft_s3.sharing import save_pretrained_with_structure
 from peft_s3.structure import STRUCTURE_FILE
 
@@ -114,6 +114,14 @@ def test_eva_on_a_lora_structure_starts_as_the_base_and_spans_peft_eva_subspaces
         rank = min(len(ours), len(theirs))
         assert _overlap(ours[:rank], theirs[:rank]) > 0.99, name
 
+    # With peft_s3's state dict, peft's EVA keeps the structure's ranks and gets the directions of apply_structure.
+    kept = peft.get_peft_model(_anisotropic_llama(), structure.to_lora_config(init_lora_weights="eva"))
+    initialize_lora_eva_weights(kept, eva_state_dict=lora_eva_state_dict(kept, loader))
+    for name, layer in layers.items():
+        lora_a = kept.base_model.model.get_submodule(name).lora_A["default"].weight
+        torch.testing.assert_close(lora_a, layer.s3_lora_A["default"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(_outputs(kept, loader[0]), base_output, rtol=0, atol=1e-6)
+
 
 def test_eva_on_a_mix_structure_uses_inputs_for_lora_and_outputs_for_adapters() -> None:
     _, structure = _searched("bert", 0.08, seed=1, max_rank=2)
@@ -181,7 +189,7 @@ def test_eva_refuses_what_it_cannot_do() -> None:
     _, structure = _searched("llama", 0.05, max_rank=2, candidate_kinds=["lora"])
     with pytest.raises(ValueError, match="init='eva' needs data: pass init_dataloader="):
         apply_structure(TINY_MODELS["llama"](), structure, init="eva")
-    with pytest.raises(ValueError, match="empty init_dataloader"):
+    with pytest.raises(ValueError, match="empty dataloader"):
         apply_structure(TINY_MODELS["llama"](), structure, init="eva", init_dataloader=[])
     with pytest.raises(ValueError, match="mappings of model inputs.*got a Tensor"):
         apply_structure(TINY_MODELS["llama"](), structure, init="eva", init_dataloader=[torch.ones(2, 3)])
