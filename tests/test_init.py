@@ -68,6 +68,8 @@ def test_fresh_is_the_default_bit_for_bit_and_is_recorded() -> None:
     default, fresh = (model.state_dict() for model in models)
     assert default.keys() == fresh.keys() and all(torch.equal(default[k], fresh[k]) for k in default)
     assert models[1].peft_config["default"].retrain_init == "fresh"
+    batch = make_batch("bert")
+    torch.testing.assert_close(_outputs(models[1], batch), _outputs(TINY_MODELS["bert"](), batch), rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------- eva
@@ -252,6 +254,22 @@ def test_inherit_reproduces_the_resolved_search() -> None:
     torch.testing.assert_close(_outputs(model, batch), expected, rtol=0, atol=1e-6)
     # The inherited deltas do act: the base's output is far outside that tolerance.
     assert (_outputs(TINY_MODELS["bert"](), batch) - expected).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("arch", ["t5", "gpt2", "llama"])
+def test_eva_and_inherit_on_mix_structures_of_other_architectures(arch: str) -> None:
+    # T5: cross-attention reads the encoder's states; GPT-2: Conv1D projections stored transposed.
+    search, structure = _searched(arch, 0.08, seed=3, max_rank=2, init_weights=False)
+    assert {"lora", "adapter", "bitfit"} <= {kind for kinds in structure.structure.values() for kind in kinds}
+    batch = make_batch(arch)
+    eva = apply_structure(TINY_MODELS[arch](), structure, init="eva", init_dataloader=_loader(arch, 2))
+    torch.testing.assert_close(_outputs(eva, batch), _outputs(TINY_MODELS[arch](), batch), rtol=0, atol=1e-6)
+    mask = torch.tensor([candidate.selected for candidate in structure.search_space], dtype=torch.float32)
+    search.eval()
+    with search.base_model.fixed_eval_gates(mask), torch.no_grad():
+        expected = search(**batch).logits
+    inherited = apply_structure(TINY_MODELS[arch](), structure, init="inherit", init_from=search)
+    torch.testing.assert_close(_outputs(inherited, batch), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_inherit_takes_expert_slices() -> None:
