@@ -15,7 +15,8 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from itertools import islice
+from functools import partial
+from itertools import chain, islice
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -146,17 +147,13 @@ def _rows(activation: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tenso
     return activation.reshape(-1, activation.shape[-1])
 
 
-def _batches(dataloader: Iterable, config: EvaInitConfig, device: torch.device) -> list[dict[str, Any]]:
-    batches = list(islice(dataloader, config.num_batches))
-    if not batches:
-        raise ValueError("EVA got an empty dataloader: it needs at least one batch of model inputs.")
-    for batch in batches:
-        if not isinstance(batch, Mapping):
-            raise ValueError(
-                f"EVA needs dataloader batches that are mappings of model inputs (model(**batch)), such as a "
-                f"DataLoader with a data collator yields; got a {type(batch).__name__}."
-            )
-    return [{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()} for batch in batches]
+def _on_device(batch: Any, device: torch.device) -> dict[str, Any]:
+    if not isinstance(batch, Mapping):
+        raise ValueError(
+            "EVA needs dataloader batches that are mappings of model inputs (model(**batch)), such as a DataLoader "
+            f"with a data collator yields; got a {type(batch).__name__}."
+        )
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 class _Collector:
@@ -241,14 +238,22 @@ def _principal_directions(
         return []
     collector = _Collector(streams)
     device = next(model.parameters()).device
-    batches = _batches(dataloader, config, device)
+    # One pass over the batches, each on the device only while it runs; the first also finds the shared inputs.
+    batches = islice(dataloader, config.num_batches)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("EVA got an empty dataloader: it needs at least one batch of model inputs.")
+    first = _on_device(first, device)
+    seen = 0
     training = model.training
     model.eval()
     try:
         with model.disable_adapter():
-            collector.group(lambda: model(**batches[0]))
-            for batch in batches:
-                collector.fit(lambda batch=batch: model(**batch), _token_mask(batch, config))
+            collector.group(partial(model, **first))
+            for batch in chain([first], batches):
+                batch = _on_device(batch, device)
+                collector.fit(partial(model, **batch), _token_mask(batch, config))
+                seen += 1
     finally:
         model.train(training)
     directions = []
@@ -258,7 +263,7 @@ def _principal_directions(
             raise ValueError(
                 f"EVA: the {stream.side} of {stream.path} got no batch with at least {pca.n_components} usable token "
                 f"positions (its rank {stream.rank} plus up to {PCA_OVERSAMPLING} directions kept for accuracy) in "
-                f"{len(batches)} batches, or the module never ran. Pass longer batches."
+                f"{seen} batches, or the module never ran. Pass longer batches."
             )
         values = pca.components_[: stream.rank]
         if config.whiten:

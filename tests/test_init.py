@@ -11,6 +11,7 @@ import pytest
 import torch
 from conftest import HIDDEN_SIZE, TASK_TYPES, TINY_MODELS, make_batch
 from peft.tuners.lora import initialize_lora_eva_weights
+from torch.utils.data import DataLoader
 from test_moe import _batch as moe_batch
 from test_moe import _model as moe_model
 from test_moe import _search as moe_search
@@ -226,9 +227,15 @@ def test_eva_refuses_what_it_cannot_do() -> None:
 def test_eva_num_batches_takes_the_first_batches() -> None:
     _, structure = _searched("llama", 0.05, max_rank=2, candidate_kinds=["lora"])
     loader = _loader("llama", 3)
-    first = apply_structure(TINY_MODELS["llama"](), structure, init="eva", init_dataloader=loader[:1])
+    # A torch DataLoader collating the first batch's rows, and a one-shot iterator over all three batches.
+    rows = [{key: value[row] for key, value in loader[0].items()} for row in range(4)]
+    first = apply_structure(TINY_MODELS["llama"](), structure, init="eva", init_dataloader=DataLoader(rows, 4))
     capped = apply_structure(
-        TINY_MODELS["llama"](), structure, init="eva", init_dataloader=loader, eva_config=EvaInitConfig(num_batches=1)
+        TINY_MODELS["llama"](),
+        structure,
+        init="eva",
+        init_dataloader=iter(loader),
+        eva_config=EvaInitConfig(num_batches=1),
     )
     for name in first.state_dict():
         assert torch.equal(first.state_dict()[name], capped.state_dict()[name]), name
