@@ -11,10 +11,10 @@ import pytest
 import torch
 from conftest import HIDDEN_SIZE, TASK_TYPES, TINY_MODELS, make_batch
 from peft.tuners.lora import initialize_lora_eva_weights
-from torch.utils.data import DataLoader
 from test_moe import _batch as moe_batch
 from test_moe import _model as moe_model
 from test_moe import _search as moe_search
+from torch.utils.data import DataLoader
 
 import peft_s3
 from peft_s3 import EvaInitConfig, S3SearchConfig, SearchedStructure, apply_structure, lora_eva_state_dict, resolve
