@@ -321,7 +321,10 @@ def test_inherit_refuses_another_search_or_base() -> None:
 
 def test_peft_inits_go_through_the_lora_config() -> None:
     _, structure = _searched("llama", 0.05, max_rank=2, candidate_kinds=["lora"])
-    with pytest.raises(ValueError, match=r"retrain_init='pissa' is not allowed: choose one of \['fresh', 'eva', "):
+    with pytest.raises(
+        ValueError,
+        match=r"retrain_init='pissa' \(apply_structure's init\) is not allowed: choose one of \['fresh', 'eva', ",
+    ):
         apply_structure(TINY_MODELS["llama"](), structure, init="pissa")
     with pytest.raises(ValueError, match=r"retrain_init='eva' is not allowed for a search"):
         S3SearchConfig(budget=0.01, retrain_init="eva")

@@ -148,10 +148,10 @@ class S3SearchConfig(PeftConfig):
         metadata={
             "help": (
                 f"How `apply_structure` initialised a fixed structure's candidates, one of {list(RETRAIN_INITS)}: "
-                "'fresh' (the paper's: LoRA A Kaiming-uniform, every other delta and LoRA B zero), 'eva' (LoRA A and "
-                "adapter down-projections from the principal directions of what they read, over a few batches) or "
-                "'inherit' (the search's trained weights). A record of how the adapter was trained; a search is "
-                "always 'fresh'."
+                "'fresh' (the paper's: LoRA A and adapter down-projections Kaiming-uniform, everything else zero), "
+                "'eva' (LoRA A and adapter down-projections from the principal directions of what they read, over a "
+                "few batches) or 'inherit' (the search's trained weights). A record of how the adapter was trained; "
+                "a search is always 'fresh'."
             )
         },
     )
@@ -182,9 +182,10 @@ class S3SearchConfig(PeftConfig):
             )
         if self.retrain_init not in RETRAIN_INITS:
             raise ValueError(
-                f"retrain_init={self.retrain_init!r} is not allowed: choose one of {list(RETRAIN_INITS)}. peft's LoRA "
-                "initialisations (pissa, olora, corda, lora_ga, gaussian, ...) apply to the structure as a "
-                "LoraConfig: `peft.get_peft_model(base, structure.to_lora_config(init_lora_weights=...))`."
+                f"retrain_init={self.retrain_init!r} (apply_structure's init) is not allowed: choose one of "
+                f"{list(RETRAIN_INITS)}. peft's LoRA initialisations (pissa, olora, corda, lora_ga, gaussian, ...) "
+                "apply to the structure as a LoraConfig: "
+                "`peft.get_peft_model(base, structure.to_lora_config(init_lora_weights=...))`."
             )
         if self.structure is None and self.retrain_init != "fresh":
             raise ValueError(
