@@ -632,7 +632,7 @@ def apply_structure(
     - "inherit" (weight inheritance): each selected candidate starts from its trained weights in `init_from`, the
       search model (PeftModel) the structure was resolved from, as do modules_to_save such as a classification
       head; the model then computes what the search model computes with its gates fixed to the structure.
-      `base_model` must carry the same weights as the search's base.
+      `base_model` must carry the search base's weights (checked on the modules that carry candidates).
 
     peft's LoRA initialisations (pissa, olora, corda, lora_ga, gaussian, ...) apply through
     `structure.to_lora_config(init_lora_weights=...)`.
