@@ -11,6 +11,7 @@ from .arguments import S3SearchArguments, SearchOptions
 from .gate_report import gate_report, load_gate_report, save_gate_report
 from .plotting import plot_structure, structure_matrix
 from .resolution import resolve
+from .retrain_init import EvaInitConfig, lora_eva_state_dict
 from .sharing import push_to_hub_with_structure, save_pretrained_with_structure, write_model_card
 from .structure import SearchedStructure, apply_structure
 from .trainer import S3SearchCallback, S3SearchTrainer, SearchDivergedError
@@ -23,6 +24,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CANDIDATE_KINDS",
     "DEFAULT_ANNEALING",
+    "EvaInitConfig",
     "LORA_SPACE",
     "MIX_SPACE",
     "Candidate",
@@ -40,6 +42,7 @@ __all__ = [
     "data",
     "gate_report",
     "load_gate_report",
+    "lora_eva_state_dict",
     "metrics",
     "plot_structure",
     "push_to_hub_with_structure",

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import re
 import tempfile
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 
 from .plotting import plot_structure
 from .structure import STRUCTURE_FILE, SearchedStructure
+from .tuner.config import S3SearchConfig
 
 STRUCTURE_FIGURE = "s3_structure.png"
 MODEL_CARD_HEADING = "## S3 searched structure"
@@ -38,6 +40,9 @@ def write_model_card(save_directory: Union[str, Path], structure: SearchedStruct
                 if (Path(save_directory) / STRUCTURE_FIGURE).is_file()
                 else []
             ),
+            f"The adapter was initialised for retraining with `{structure.retrain_init}` "
+            "(`retrain_init` in the structure file).",
+            "",
             f'`{STRUCTURE_FILE}` holds it: `peft_s3.apply_structure(base_model, "<this repo id or folder>")` '
             "builds it afresh on a base model for retraining, and "
             '`peft_s3.SearchedStructure.from_pretrained("<this repo id or folder>")` reads it.',
@@ -61,6 +66,18 @@ def write_model_card(save_directory: Union[str, Path], structure: SearchedStruct
     return path
 
 
+def retrain_init_of(peft_model: PeftModel, default: str = "fresh") -> str:
+    """How the active adapter of `peft_model` was initialised: an S3 adapter's `retrain_init`, or a LoraConfig's
+    `init_lora_weights` ('fresh' for peft's default True, 'random' for False); `default` for other adapters."""
+    config = peft_model.peft_config[peft_model.active_adapter]
+    if isinstance(config, S3SearchConfig):
+        return config.retrain_init
+    if isinstance(config, LoraConfig):
+        init = config.init_lora_weights
+        return init if isinstance(init, str) else ("fresh" if init else "random")
+    return default
+
+
 def save_pretrained_with_structure(
     peft_model: PeftModel,
     save_directory: Union[str, Path],
@@ -70,10 +87,14 @@ def save_pretrained_with_structure(
 ) -> None:
     """`peft_model.save_pretrained(save_directory, **kwargs)`, plus s3_structure.json and the model-card section.
 
+    Both record how the adapter was initialised for retraining (`retrain_init_of(peft_model)`), the model's
+    `retrain_init` or `init_lora_weights`; `structure` itself is left as it is.
+
     With `figure` (and matplotlib installed: `pip install peft-s3[plot]`) it also draws the structure's heatmap to
     s3_structure.png, which the model card shows.
     """
     peft_model.save_pretrained(str(save_directory), **kwargs)
+    structure = dataclasses.replace(structure, retrain_init=retrain_init_of(peft_model, structure.retrain_init))
     structure.save(save_directory)
     if figure and importlib.util.find_spec("matplotlib") is not None:
         import matplotlib.pyplot as plt

@@ -12,20 +12,27 @@ import dataclasses
 import json
 import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import EvaConfig, LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
-from .tuner.config import CANDIDATE_KINDS, S3SearchConfig
+from .retrain_init import EvaInitConfig, check_eva_applies, check_inheritable, eva_initialise, inherit_weights
+from .tuner.config import CANDIDATE_KINDS, RETRAIN_INITS, S3SearchConfig
 from .tuner.model import check_unwrapped_base
 from .tuner.search_space import Candidate
 
 STRUCTURE_FILE = "s3_structure.json"
 
 LORA_POLICIES = ("raise", "drop", "approximate")
+
+# peft's named LoRA initialisations (init_lora_weights), besides True / False and "pissa_niter_<n>", and the
+# sub-configs some of them take.
+PEFT_LORA_INITS = ("gaussian", "eva", "olora", "pissa", "corda", "loftq", "orthogonal", "lora_ga", "mica")
+LORA_INIT_CONFIGS = ("eva_config", "corda_config", "lora_ga_config", "loftq_config")
 
 # The heads that peft's PeftModelFor<task> appends to a config's modules_to_save itself (it extends the list, so a
 # config that already names them would list them twice); the search's config holds them after get_peft_model.
@@ -128,6 +135,10 @@ class SearchedStructure:
     base_model_name_or_path: Optional[str] = None
     modules: dict[str, ModuleInfo] = field(default_factory=dict)
     search_space_signature: Optional[str] = None
+    retrain_init: str = "fresh"
+    """How the adapter saved with this structure was initialised for retraining: `apply_structure`'s init ('fresh',
+    'eva', 'inherit'), or peft's `init_lora_weights` for a LoraConfig ('fresh' for peft's default). Written by
+    `save_pretrained_with_structure`; files without it load as 'fresh'."""
 
     @property
     def candidates(self) -> list[ScoredCandidate]:
@@ -182,6 +193,8 @@ class SearchedStructure:
                 f"{file} is not a searched structure: unexpected keys {sorted(set(data) - names)}, missing keys "
                 f"{sorted(required - set(data))}."
             )
+        if not isinstance(data.get("retrain_init", ""), str):
+            raise ValueError(f"{file}: retrain_init={data['retrain_init']!r} is not allowed: it must be a string.")
         data["search_space"] = [_scored_candidate(file, index, row) for index, row in enumerate(data["search_space"])]
         data["modules"] = {name: _module_info(file, name, info) for name, info in data.get("modules", {}).items()}
         return cls(**data)
@@ -321,8 +334,11 @@ class SearchedStructure:
                 "search again with `peft_s3.resolve`."
             )
 
-    def to_peft_config(self) -> S3SearchConfig:
-        """A fixed-structure S3SearchConfig that builds exactly these candidates, with the search's LoRA scaling."""
+    def to_peft_config(self, retrain_init: str = "fresh") -> S3SearchConfig:
+        """A fixed-structure S3SearchConfig that builds exactly these candidates, with the search's LoRA scaling.
+
+        `retrain_init` only records how the candidates are initialised (`apply_structure` sets them).
+        """
         self._check_not_empty()
         kinds = {candidate.kind for candidate in self.candidates}
         return S3SearchConfig(
@@ -336,9 +352,12 @@ class SearchedStructure:
             modules_to_save=self._own_modules_to_save() or None,
             task_type=self.task_type,
             base_model_name_or_path=self.base_model_name_or_path,
+            retrain_init=retrain_init,
         )
 
-    def lora_conversion(self, policy: str = "raise") -> LoraConversion:
+    def lora_conversion(
+        self, policy: str = "raise", init_lora_weights: Union[bool, str] = True, **init_configs: Any
+    ) -> LoraConversion:
         """The structure as a `peft.LoraConfig`, with the trainable-parameter count and what had to change.
 
         LoRA candidates become `target_modules` (full module names) with `rank_pattern` / `alpha_pattern` such that
@@ -352,9 +371,18 @@ class SearchedStructure:
         - "approximate": train them with the closest LoraConfig option (whole norms via modules_to_save; for BitFit
           on linears bias='lora_only' when that trains fewer wrong bias parameters than bias='none'); adapters and
           BitFit on bias-free modules are still dropped. `num_trainable_params` reports the resulting count.
+
+        `init_lora_weights` (and peft's sub-config of that initialisation, e.g. `lora_ga_config=`, `corda_config=`)
+        go to the LoraConfig as they are: peft's initialisations `PEFT_LORA_INITS`, True (peft's default, the paper's
+        fresh start) or False. For "eva" the LoraConfig gets `eva_config=EvaConfig(rho=1.0)` (or yours, with
+        rho=1.0): a larger rho would let peft move ranks between modules, and the structure fixes them. As with any
+        LoraConfig, the data-driven ones need peft's own step after `get_peft_model`: for "eva"
+        `peft.tuners.lora.initialize_lora_eva_weights` (see `to_lora_config`), for "corda" and "lora_ga" peft's
+        `preprocess_corda` / `preprocess_loraga` before it.
         """
         if policy not in LORA_POLICIES:
             raise ValueError(f"policy={policy!r} is not allowed; choose one of {list(LORA_POLICIES)}.")
+        init_arguments = _lora_init_arguments(init_lora_weights, init_configs)
         self._check_not_empty()
         ranks = self.structure
         unknown = [module for module in ranks if module not in self.modules]
@@ -448,6 +476,7 @@ class SearchedStructure:
             },
             bias=bias,
             modules_to_save=[*self._own_modules_to_save(), *norms_to_save] or None,
+            **init_arguments,
         )
         approximated = {
             name: reason for name, reason in issues.items() if policy == "approximate" and name in approximable
@@ -455,9 +484,25 @@ class SearchedStructure:
         dropped = {name: reason for name, reason in issues.items() if name not in approximated}
         return LoraConversion(config, num_params, approximated, dropped)
 
-    def to_lora_config(self, policy: str = "raise") -> LoraConfig:
-        """`lora_conversion(policy).config`, warning about every candidate that was dropped or approximated."""
-        conversion = self.lora_conversion(policy)
+    def to_lora_config(
+        self, policy: str = "raise", init_lora_weights: Union[bool, str] = True, **init_configs: Any
+    ) -> LoraConfig:
+        """`lora_conversion(policy, init_lora_weights, **init_configs).config`, warning about every candidate that was
+        dropped or approximated.
+
+        With `init_lora_weights="eva"`, initialise the model as peft requires before training, with the directions
+        from `peft_s3.lora_eva_state_dict`:
+
+            model = peft.get_peft_model(base, structure.to_lora_config(init_lora_weights="eva"))
+            peft.tuners.lora.initialize_lora_eva_weights(
+                model, eva_state_dict=peft_s3.lora_eva_state_dict(model, dataloader)
+            )
+
+        `initialize_lora_eva_weights(model, dataloader)` computes them itself, but even at rho=1 it gives modules that
+        read the same input (query, key and value) the largest rank among them and takes that rank from other
+        modules (peft 0.21), so the structure's ranks change.
+        """
+        conversion = self.lora_conversion(policy, init_lora_weights, **init_configs)
         if not conversion.exact:
             warnings.warn(
                 f"The LoraConfig differs from the searched structure: dropped {sorted(conversion.dropped)}, "
@@ -467,6 +512,34 @@ class SearchedStructure:
                 stacklevel=2,
             )
         return conversion.config
+
+
+def _lora_init_arguments(init_lora_weights: Union[bool, str], init_configs: dict[str, Any]) -> dict[str, Any]:
+    """The LoraConfig arguments of an initialisation, checked: peft itself would fail only in get_peft_model."""
+    named = isinstance(init_lora_weights, str) and (
+        init_lora_weights in PEFT_LORA_INITS or re.fullmatch(r"pissa_niter_\d+", init_lora_weights) is not None
+    )
+    if not (isinstance(init_lora_weights, bool) or named):
+        raise ValueError(
+            f"init_lora_weights={init_lora_weights!r} is not allowed: use True (peft's default, the paper's fresh "
+            f"start), False, 'pissa_niter_<n>' or one of {list(PEFT_LORA_INITS)}. The S3 initialisations "
+            f"{list(RETRAIN_INITS)} are `apply_structure(..., init=...)`'s."
+        )
+    unknown = sorted(set(init_configs) - set(LORA_INIT_CONFIGS))
+    if unknown:
+        raise ValueError(
+            f"{unknown} are not allowed here: besides init_lora_weights, only peft's initialisation sub-configs "
+            f"{list(LORA_INIT_CONFIGS)} pass through (the conversion sets every other LoraConfig field)."
+        )
+    if init_lora_weights == "eva":
+        eva_config = init_configs.get("eva_config") or EvaConfig(rho=1.0)
+        if eva_config.rho != 1.0:
+            raise ValueError(
+                f"eva_config.rho={eva_config.rho!r} is not allowed: peft's EVA gives a module up to rank r * rho, "
+                "moving ranks between modules, and the structure fixes every module's rank. Use rho=1.0."
+            )
+        init_configs = {**init_configs, "eva_config": eva_config}
+    return {"init_lora_weights": init_lora_weights, **init_configs}
 
 
 def _structure_file(path: Union[str, Path]) -> Path:
@@ -535,11 +608,34 @@ def apply_structure(
     structure: Union[SearchedStructure, str, Path],
     adapter_name: str = "default",
     revision: Optional[str] = None,
+    *,
+    init: str = "fresh",
+    init_dataloader: Optional[Iterable] = None,
+    eva_config: Optional[EvaInitConfig] = None,
+    init_from: Optional[Any] = None,
 ) -> PeftModel:
-    """A PeftModel with exactly `structure`'s candidates on `base_model`, freshly initialised and ready to retrain.
+    """A PeftModel with exactly `structure`'s candidates on `base_model`, initialised and ready to retrain.
 
     `structure` is a `SearchedStructure`, or a local path or Hub repo id for `SearchedStructure.from_pretrained`
     (with `revision`).
+
+    `init` says how the candidates start (`peft_s3.tuner.config.RETRAIN_INITS`); the adapter config records it as
+    `retrain_init`:
+
+    - "fresh" (the paper's): LoRA A Kaiming-uniform; LoRA B, BitFit and LNFit deltas and adapter up-projections zero.
+    - "eva" (data-driven, EVA's idea at the structure's ranks): each module's LoRA A is the top principal directions
+      of the module's input activations on the batches of `init_dataloader` (mappings of model inputs, as for
+      peft's `initialize_lora_eva_weights`; `eva_config` an `EvaInitConfig` for the number of batches and the label
+      mask), computed like peft's EVA (incremental PCA); a low-rank adapter's down-projection likewise from the
+      module's output. B, the up-projections and the BitFit / LNFit deltas stay zero, so the model starts as the base
+      model. LoRA slices on fused expert weights are refused.
+    - "inherit" (weight inheritance): each selected candidate starts from its trained weights in `init_from`, the
+      search model (PeftModel) the structure was resolved from, as do modules_to_save such as a classification
+      head; the model then computes what the search model computes with its gates fixed to the structure.
+      `base_model` must carry the search base's weights (checked on the modules that carry candidates).
+
+    peft's LoRA initialisations (pissa, olora, corda, lora_ga, gaussian, ...) apply through
+    `structure.to_lora_config(init_lora_weights=...)`.
 
     `base_model` may be another instance of the architecture the structure was searched on, e.g. to transfer a
     structure found on one task to another. A model whose modules have other sizes gets the same positions with its
@@ -552,7 +648,14 @@ def apply_structure(
         structure = SearchedStructure.from_pretrained(structure, revision)
     elif revision is not None:
         raise ValueError(f"revision={revision!r} applies to a structure given by repo id or path, not to an object.")
-    model = get_peft_model(base_model, structure.to_peft_config(), adapter_name=adapter_name)
+    config = structure.to_peft_config(retrain_init=init)
+    _check_init_arguments(init, init_dataloader, eva_config, init_from)
+    # Everything that can be refused is refused here, before get_peft_model changes the base in place.
+    if init == "eva":
+        check_eva_applies(base_model, structure)
+    elif init == "inherit":
+        check_inheritable(base_model, structure, init_from)
+    model = get_peft_model(base_model, config, adapter_name=adapter_name)
     built = sum(candidate.num_params for candidate in model.base_model.candidates(adapter_name))
     if built != structure.num_trainable_params:
         warnings.warn(
@@ -560,4 +663,42 @@ def apply_structure(
             f"on, but {built} on this {type(base_model).__name__}: its modules have other sizes.",
             stacklevel=2,
         )
+    if init == "eva":
+        eva_initialise(model, adapter_name, init_dataloader, eva_config or EvaInitConfig())
+    elif init == "inherit":
+        inherit_weights(model, adapter_name, structure, init_from)
     return model
+
+
+def _check_init_arguments(
+    init: str, init_dataloader: Optional[Iterable], eva_config: Optional[EvaInitConfig], init_from: Optional[Any]
+) -> None:
+    """Each initialisation gets exactly the arguments it uses (`init` itself is checked by S3SearchConfig)."""
+    if init == "eva" and init_dataloader is None:
+        raise ValueError(
+            "init='eva' needs data: pass init_dataloader= an iterable of model-input batches (e.g. a DataLoader of "
+            "a few training batches), whose activations give each module's directions."
+        )
+    if eva_config is not None and not isinstance(eva_config, EvaInitConfig):
+        raise ValueError(
+            f"eva_config={eva_config!r} is not allowed: pass a peft_s3.retrain_init.EvaInitConfig (peft's EvaConfig "
+            "is for `to_lora_config(init_lora_weights='eva')`: its rho and tau do not apply to a fixed structure)."
+        )
+    if init == "inherit" and init_from is None:
+        raise ValueError(
+            "init='inherit' needs init_from= the search model (PeftModel) the structure was resolved from."
+        )
+    unused = [
+        name
+        for name, value, used_by in (
+            ("init_dataloader", init_dataloader, "eva"),
+            ("eva_config", eva_config, "eva"),
+            ("init_from", init_from, "inherit"),
+        )
+        if value is not None and init != used_by
+    ]
+    if unused:
+        raise ValueError(
+            f"{unused} do not apply to init={init!r}: init_dataloader and eva_config are for init='eva', "
+            "init_from for init='inherit'."
+        )

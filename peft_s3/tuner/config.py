@@ -15,6 +15,7 @@ from transformers.activations import ACT2FN
 CANDIDATE_KINDS = ("lora", "bitfit", "lnfit", "adapter")
 MIX_SPACE = CANDIDATE_KINDS
 LORA_SPACE = ("lora",)
+RETRAIN_INITS = ("fresh", "eva", "inherit")
 
 
 @dataclass
@@ -142,6 +143,18 @@ class S3SearchConfig(PeftConfig):
             )
         },
     )
+    retrain_init: str = field(
+        default="fresh",
+        metadata={
+            "help": (
+                f"How `apply_structure` initialised a fixed structure's candidates, one of {list(RETRAIN_INITS)}: "
+                "'fresh' (the paper's: LoRA A and adapter down-projections Kaiming-uniform, everything else zero), "
+                "'eva' (LoRA A and adapter down-projections from the principal directions of what they read, over a "
+                "few batches) or 'inherit' (the search's trained weights). A record of how the adapter was trained; "
+                "a search is always 'fresh'."
+            )
+        },
+    )
     search_space_signature: Optional[str] = field(
         default=None,
         metadata={
@@ -166,6 +179,18 @@ class S3SearchConfig(PeftConfig):
             raise ValueError(
                 f"candidate_kinds={self.candidate_kinds!r} is not allowed: use a non-empty subset of "
                 f"{list(CANDIDATE_KINDS)}."
+            )
+        if self.retrain_init not in RETRAIN_INITS:
+            raise ValueError(
+                f"retrain_init={self.retrain_init!r} (apply_structure's init) is not allowed: choose one of "
+                f"{list(RETRAIN_INITS)}. peft's LoRA initialisations (pissa, olora, corda, lora_ga, gaussian, ...) "
+                "apply to the structure as a LoraConfig: "
+                "`peft.get_peft_model(base, structure.to_lora_config(init_lora_weights=...))`."
+            )
+        if self.structure is None and self.retrain_init != "fresh":
+            raise ValueError(
+                f"retrain_init={self.retrain_init!r} is not allowed for a search (no `structure`): a search starts "
+                "'fresh'; the other initialisations retrain a searched structure (`apply_structure`)."
             )
         if self.structure is None:
             self._validate_budget()
