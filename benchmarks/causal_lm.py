@@ -10,6 +10,10 @@ blocks of --seq-len tokens with every token a target. Methods, each trained with
 * adalora: peft's AdaLoRA at the nearest count it can express (`baselines.build_budgeted_baseline`).
 * lora-r1-qv: peft LoRA r=1 on q_proj and v_proj (budget-free; 57,600 parameters on SmolLM2).
 
+--retrain-init is `apply_structure`'s init for the s3pet-m and random-m structures: fresh (the default), eva (each
+module's principal input directions over one pass of the training blocks, in `baselines.eva_dataloader`'s batches) or
+inherit (the search's trained weights; s3pet-m only, so random-m is refused with it). One --output-dir holds one init.
+
 A seed fixes the article split, the block order and every initialisation, for all methods alike; differences are
 paired per seed. The metric is held-out perplexity, exp of the mean token cross-entropy over every test block (the
 base model's own perplexity is reported too). Each run is appended to causal_lm.json as it ends; --resume continues.
@@ -31,7 +35,7 @@ from typing import Any
 
 import peft
 import torch
-from baselines import build_baseline, build_budgeted_baseline, random_structure, search_space_report
+from baselines import build_baseline, build_budgeted_baseline, eva_dataloader, random_structure, search_space_report
 from datasets import Dataset
 from quality import mean_std, paired_statistics
 from transformers import Trainer, default_data_collator
@@ -39,6 +43,7 @@ from transformers import Trainer, default_data_collator
 import peft_s3
 from peft_s3.data import load_dataset_splits, load_smollm2_causal_lm
 from peft_s3.recipes import TrainingRecipe
+from peft_s3.tuner.config import RETRAIN_INITS
 
 METHODS = ("s3pet-m", "random-m", "adalora", "lora-r1-qv")
 BUDGETED = ("s3pet-m", "random-m", "adalora")
@@ -56,9 +61,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--epochs", type=float, default=1.0, help="of search and of every retraining")
     parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument(
+        "--retrain-init",
+        default="fresh",
+        choices=RETRAIN_INITS,
+        help="apply_structure's init for the s3pet-m and random-m structures (inherit: s3pet-m only)",
+    )
     parser.add_argument("--output-dir", default="benchmarks/results/causal_lm")
     parser.add_argument("--resume", action="store_true")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.retrain_init == "inherit" and "random-m" in args.methods:
+        parser.error(
+            "--retrain-init inherit starts a structure from the weights its search trained; random-m has no search. "
+            "Leave random-m out of --methods, or use --retrain-init fresh / eva."
+        )
+    return args
 
 
 def article_blocks(tokenizer: Any, seed: int, seq_len: int, train_blocks: int, test_blocks: int) -> dict[str, Dataset]:
@@ -105,6 +122,13 @@ class Benchmark:
         if self.path.exists() and not args.resume:
             raise ValueError(f"{self.path} exists: pass --resume to continue it, or delete it.")
         self.data = json.loads(self.path.read_text()) if self.path.exists() else {"runs": []}
+        # Results from before --retrain-init retrained every structure fresh.
+        previous = self.data.get("settings", {}).get("retrain_init", "fresh")
+        if previous != args.retrain_init:
+            raise ValueError(
+                f"--resume: {self.path} retrained its structures with --retrain-init {previous}, not "
+                f"{args.retrain_init}: use another --output-dir for another init."
+            )
         self.data["settings"] = settings
         self.data["command"] = "python " + " ".join(sys.argv)
         self.base, self.tokenizer = load_smollm2_causal_lm()
@@ -134,7 +158,9 @@ class Benchmark:
             trainer.train()
             return time.perf_counter() - started
 
-    def search(self, blocks: Dataset, budget: float, seed: int) -> tuple[peft_s3.SearchedStructure, dict[str, Any]]:
+    def search(
+        self, blocks: Dataset, budget: float, seed: int
+    ) -> tuple[peft_s3.SearchedStructure, dict[str, Any], peft.PeftModel]:
         torch.manual_seed(seed)
         config = peft_s3.S3SearchConfig(budget=budget, task_type="CAUSAL_LM")
         model = peft.get_peft_model(copy.deepcopy(self.base), config)
@@ -151,18 +177,31 @@ class Benchmark:
         structure = peft_s3.resolve(model)
         structure.save(self.output_dir / "structures" / f"s3pet-m_{budget}_seed{seed}")
         decided = [entry["s3/decided_mass"] for entry in trainer.state.log_history if "s3/decided_mass" in entry]
-        return structure, {"search_seconds": seconds, "decided_mass": decided[-1] if decided else None}
+        return structure, {"search_seconds": seconds, "decided_mass": decided[-1] if decided else None}, model
+
+    def init_arguments(self, blocks: Dataset, seed: int, search_model: peft.PeftModel | None) -> dict[str, Any]:
+        """`apply_structure`'s keyword arguments for --retrain-init; none for fresh, so its runs are as before."""
+        init = self.args.retrain_init
+        if init == "eva":
+            return {"init": init, "init_dataloader": eva_dataloader(blocks, default_data_collator, self.recipe(seed))}
+        if init == "inherit":
+            return {"init": init, "init_from": search_model}
+        return {}
 
     def run(self, method: str, budget: float | None, seed: int, blocks: dict[str, Dataset]) -> dict[str, Any]:
         torch.manual_seed(seed)
         extra: dict[str, Any] = {}
         callbacks = None
-        if method == "s3pet-m":
-            structure, extra = self.search(blocks["train"], budget, seed)
-            torch.manual_seed(seed)
-            model = peft_s3.apply_structure(copy.deepcopy(self.base), structure)
-        elif method == "random-m":
-            model = peft_s3.apply_structure(copy.deepcopy(self.base), random_structure(self.report, budget, seed))
+        if method in ("s3pet-m", "random-m"):
+            if method == "s3pet-m":
+                structure, extra, search_model = self.search(blocks["train"], budget, seed)
+                torch.manual_seed(seed)
+            else:
+                structure, search_model = random_structure(self.report, budget, seed), None
+            init = self.init_arguments(blocks["train"], seed, search_model)
+            model = peft_s3.apply_structure(copy.deepcopy(self.base), structure, **init)
+            del search_model  # its copy of the base is not needed while retraining
+            extra["retrain_init"] = self.args.retrain_init
         elif method == "adalora":
             baseline = build_budgeted_baseline(
                 "adalora",

@@ -3,6 +3,8 @@
 For a search variant run into its own --output-dir (e.g. `--search-options '{"alpha_warmup_steps": 0.25}'`): its runs
 are paired with the reference output's runs of the same data set, budget and seed (the seed fixes split, head
 initialisation and data order for every method), per data set and pooled, with the same statistics as quality.py.
+Each row names how the structures of both sides started their retraining (quality.py --retrain-init; "-" for a method
+that retrains no structure): one output directory holds one init, so inits are compared by passing two directories.
 
     python benchmarks/paired_across.py benchmarks/results/power_warmup benchmarks/results/power \\
         --method s3pet-m --references s3pet-m random-m adalora eva --output benchmarks/results/power_warmup/paired.json
@@ -15,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from quality import paired_observations, paired_statistics
+from quality import paired_observations, paired_statistics, retrain_init_of
 
 METRICS = ("test_accuracy", "test_macro_f1", "decided_mass")
 
@@ -27,6 +29,11 @@ def _runs(output_dir: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text())["runs"]
 
 
+def _inits(runs: list[dict[str, Any]], method: str) -> str:
+    """The retraining inits of `method`'s runs, "-" for a method that retrains no structure."""
+    return "/".join(sorted({retrain_init_of(run) or "-" for run in runs if run["method"] == method})) or "-"
+
+
 def paired_rows(
     variant: list[dict[str, Any]], reference: list[dict[str, Any]], method: str, references: list[str], metric: str
 ) -> list[dict[str, Any]]:
@@ -34,6 +41,7 @@ def paired_rows(
     scores, as a plain difference for decided_mass)."""
     scale = 1.0 if metric == "decided_mass" else 100.0
     groups = paired_observations(variant, reference, {method: references}, metric)
+    init = _inits(variant, method)
     rows = []
     # By reference in the order asked for, then by budget in the order the variant ran them.
     for (_, other, budget), observations in sorted(groups.items(), key=lambda item: references.index(item[0][1])):
@@ -44,6 +52,8 @@ def paired_rows(
                 {
                     "metric": metric,
                     "reference": other,
+                    "retrain_init": init,
+                    "reference_retrain_init": _inits(reference, other),
                     "budget": budget,
                     "scope": scope,
                     **paired_statistics(differences),
@@ -53,10 +63,15 @@ def paired_rows(
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| metric | budget | minus | scope | n | mean | 95 % CI | win / tie / loss | verdict |", "|" + "---|" * 9]
+    lines = [
+        "| metric | budget | minus | inits (method / reference) | scope | n | mean | 95 % CI | win / tie / loss "
+        "| verdict |",
+        "|" + "---|" * 10,
+    ]
     for row in rows:
         lines.append(
-            f"| {row['metric']} | {row['budget']:g} | {row['reference']} | {row['scope']} | {row['n']} | "
+            f"| {row['metric']} | {row['budget']:g} | {row['reference']} | "
+            f"{row['retrain_init']} / {row['reference_retrain_init']} | {row['scope']} | {row['n']} | "
             f"{row['mean']:+.3f} | [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] | "
             f"{row['wins']} / {row['ties']} / {row['losses']} | {row['verdict']} |"
         )

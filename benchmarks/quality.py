@@ -13,6 +13,11 @@ order, for every method alike, so runs of one (data set, seed) pair are compared
 * full fine-tuning, the reference line.
 * selectable: transfer, the S3PET-M structure searched on --transfer-source retrained on --transfer-dataset.
 
+--retrain-init says how the structures of S3PET-M, S3PET-L, random and transfer start their retraining
+(`apply_structure`'s init): fresh (the paper's, the default), eva (each module's principal input directions over one
+pass of the batches the EVA baseline reads), or inherit (the search's trained weights: searched structures only). One
+--output-dir holds one init: --resume refuses to mix them, as it refuses other settings.
+
 The grid runs in tiers, so that a partial grid already answers the main question: tier 1 is every budgeted method at
 the budgets that all data sets share, seed by seed; tier 2 the other budgets, the fixed-size baselines, full
 fine-tuning and transfer.
@@ -54,6 +59,7 @@ from baselines import (
     build_baseline,
     build_budgeted_baseline,
     composition,
+    eva_dataloader,
     random_structure,
     search_space_report,
 )
@@ -74,6 +80,7 @@ from peft_s3.recipes import (
 )
 from peft_s3.structure import SearchedStructure, apply_structure
 from peft_s3.trainer import S3SearchTrainer
+from peft_s3.tuner.config import RETRAIN_INITS
 from peft_s3.tuner.gates import gate_entropy
 
 SEARCH_SPACES: dict[str, tuple[str, ...]] = {"s3pet-m": peft_s3.MIX_SPACE, "s3pet-l": peft_s3.LORA_SPACE}
@@ -93,6 +100,8 @@ FIXED_METHODS: tuple[str, ...] = (
 METHODS: tuple[str, ...] = (*BUDGETED_METHODS, *FIXED_METHODS, "transfer")
 """Methods selectable with --methods; "transfer" runs the three rows on the transfer data set."""
 DEFAULT_METHODS: tuple[str, ...] = (*BUDGETED_METHODS, "lora-r1-qv", "bitfit", "lnfit", FULL_FT)
+STRUCTURE_METHODS: tuple[str, ...] = (*SEARCH_SPACES, RANDOM, TRANSFER)
+"""Methods that retrain a structure with `apply_structure`: the ones --retrain-init applies to."""
 REFERENCES: dict[str, tuple[str, ...]] = {
     **{method: (RANDOM, *BUDGETED_BASELINES) for method in SEARCH_SPACES},
     # The paper finds the Mix space at least as good as the LoRA-only one (issue 9 asks whether it is here).
@@ -187,6 +196,7 @@ class Settings:
     transfer_source: str
     transfer_dataset: str
     transfer_budget: float
+    retrain_init: str
 
 
 @dataclass(frozen=True)
@@ -286,7 +296,15 @@ def plan_runs(
 def check_grid(
     settings: Settings, datasets: Sequence[str], methods: Sequence[str], budgets: dict[str, list[float]]
 ) -> None:
-    """The transfer rows need a second data set and the S3PET-M searches they transfer."""
+    """Inherited weights need a search in the same run; the transfer rows need a second data set and the S3PET-M
+    searches they transfer."""
+    no_search = sorted({RANDOM, "transfer"} & set(methods))
+    if settings.retrain_init == "inherit" and no_search:
+        raise ValueError(
+            f"--retrain-init inherit starts a structure from the weights its search trained, so it applies to "
+            f"{list(SEARCH_SPACES)} only; {no_search} retrain structures without a search in the run (random, or "
+            "loaded from another data set's search). Leave them out of --methods, or use --retrain-init fresh / eva."
+        )
     if "transfer" not in methods:
         return
     source = settings.transfer_source
@@ -421,30 +439,53 @@ class Benchmark:
 
     def run_one(self, spec: RunSpec, scratch: Path) -> dict[str, Any]:
         task = self.task(spec.dataset, spec.seed)
-        report = self.space_report(task)
-        recipe = self.recipe(spec.seed)
-        if spec.method == FULL_FT:
-            recipe = self.recipe(spec.seed, learning_rate=self.settings.full_ft_learning_rate)
-            prepared = PreparedModel(fresh_classifier(task, spec.seed), [])
-        elif spec.method in BASELINES:
-            prepared = PreparedModel(build_baseline(spec.method, fresh_classifier(task, spec.seed), report), [])
-        elif spec.method in BUDGETED_BASELINES:
-            prepared = self.budgeted_baseline(spec, task, report, recipe)
-        else:
-            structure, extra = self.structure_for(spec, task, scratch)
-            model = apply_structure(fresh_classifier(task, spec.seed), structure)
-            extra.update(
-                composition=composition(structure.candidates), structure_params=structure.num_trainable_params
-            )
-            prepared = PreparedModel(model, [], extra=extra)
+        recipe = self.recipe(
+            spec.seed, learning_rate=self.settings.full_ft_learning_rate if spec.method == FULL_FT else None
+        )
+        prepared = self.prepare(spec, task, recipe, scratch)
         metrics = train_and_evaluate(prepared.model, task, recipe, scratch, callbacks=prepared.callbacks)
         counted = prepared.trainable_params or (lambda: count_trainable_parameters(prepared.model, exclude=self.head))
         return {
             **prepared.extra,
             "trainable_params": int(counted()),
-            "backbone_params": report["backbone_num_params"],
+            "backbone_params": self.space_report(task)["backbone_num_params"],
             **metrics,
         }
+
+    def prepare(self, spec: RunSpec, task: ClassificationTask, recipe: TrainingRecipe, scratch: Path) -> PreparedModel:
+        """The model of `spec`, ready to train with `recipe`: a baseline, or a structure searched, loaded or drawn
+        and applied with --retrain-init."""
+        report = self.space_report(task)
+        if spec.method == FULL_FT:
+            return PreparedModel(fresh_classifier(task, spec.seed), [])
+        if spec.method in BASELINES:
+            return PreparedModel(build_baseline(spec.method, fresh_classifier(task, spec.seed), report), [])
+        if spec.method in BUDGETED_BASELINES:
+            return self.budgeted_baseline(spec, task, report, recipe)
+        structure, extra, search_model = self.structure_for(spec, task, scratch)
+        model = apply_structure(
+            fresh_classifier(task, spec.seed), structure, **self.init_arguments(task, recipe, search_model)
+        )
+        extra.update(
+            composition=composition(structure.candidates),
+            structure_params=structure.num_trainable_params,
+            retrain_init=self.settings.retrain_init,
+        )
+        return PreparedModel(model, [], extra=extra)
+
+    def init_arguments(
+        self, task: ClassificationTask, recipe: TrainingRecipe, search_model: Optional[torch.nn.Module]
+    ) -> dict[str, Any]:
+        """`apply_structure`'s keyword arguments for --retrain-init; none for fresh, so its runs are as before."""
+        init = self.settings.retrain_init
+        if init == "eva":
+            # The batches the EVA baseline's SVD reads (same rows, order and size: eva_dataloader with the same
+            # recipe), one pass: the baseline reads them until its components converge.
+            batches = eva_dataloader(task.splits["train"], DataCollatorWithPadding(task.tokenizer), recipe)
+            return {"init": init, "init_dataloader": batches}
+        if init == "inherit":
+            return {"init": init, "init_from": search_model}
+        return {}
 
     def budgeted_baseline(
         self, spec: RunSpec, task: ClassificationTask, report: dict[str, Any], recipe: TrainingRecipe
@@ -468,14 +509,15 @@ class Benchmark:
 
     def structure_for(
         self, spec: RunSpec, task: ClassificationTask, scratch: Path
-    ) -> tuple[SearchedStructure, dict[str, Any]]:
-        """The structure to retrain: searched (and saved), loaded from the source data set's search, or random."""
+    ) -> tuple[SearchedStructure, dict[str, Any], Optional[torch.nn.Module]]:
+        """The structure to retrain: searched (and saved), loaded from the source data set's search, or random; the
+        statistics to record; the search model (None without a search in this run)."""
         if spec.method == RANDOM:
-            return random_structure(self.space_report(task), spec.budget, spec.seed), {}
+            return random_structure(self.space_report(task), spec.budget, spec.seed), {}, None
         if spec.method == TRANSFER:
             source = self.settings.transfer_source
             path = structure_path(self.output_dir, "s3pet-m", source, spec.budget, spec.seed)
-            return SearchedStructure.load(path), {"search_dataset": source}
+            return SearchedStructure.load(path), {"search_dataset": source}, None
         config = peft_s3.S3SearchConfig(
             budget=spec.budget,
             candidate_kinds=list(SEARCH_SPACES[spec.method]),
@@ -491,11 +533,18 @@ class Benchmark:
         structure.save(structure_path(self.output_dir, spec.method, spec.dataset, spec.budget, spec.seed))
         search_stats = _jsonable(dict(search_stats))
         # The keys tell the report which numbers came from the search itself (e.g. decided_mass), whatever they are.
-        return structure, {**search_stats, "search_stat_keys": sorted(search_stats), **search_diagnostics(model)}
+        stats = {**search_stats, "search_stat_keys": sorted(search_stats), **search_diagnostics(model)}
+        return structure, stats, model
 
 
 def run_key(run: dict[str, Any]) -> tuple[str, str, Optional[float], int]:
     return (run["method"], run["dataset"], run["budget"], run["seed"])
+
+
+def retrain_init_of(run: dict[str, Any]) -> Optional[str]:
+    """How the run's structure started its retraining; None for a method that retrains no structure. Runs from
+    before --retrain-init started fresh."""
+    return run.get("retrain_init", "fresh") if run["method"] in STRUCTURE_METHODS else None
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -1135,6 +1184,15 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--transfer-source", default="vader_movies", choices=AVAILABLE_DATASETS)
     parser.add_argument("--transfer-dataset", default="vader_tweets", choices=AVAILABLE_DATASETS)
     parser.add_argument("--transfer-budget", type=float, default=2e-4)
+    parser.add_argument(
+        "--retrain-init",
+        default="fresh",
+        choices=RETRAIN_INITS,
+        help=(
+            "how s3pet-m, s3pet-l, random-m and transfer start retraining their structure (apply_structure's init): "
+            "eva over one pass of the EVA baseline's batches; inherit (s3pet-m, s3pet-l only) from the search"
+        ),
+    )
     parser.add_argument("--output-dir", default="benchmarks/results/power")
     parser.add_argument("--resume", action="store_true", help="keep the runs in quality.json, do only the missing")
     parser.add_argument("--report-only", action="store_true", help="rebuild the reports from quality.json")
@@ -1167,7 +1225,9 @@ def load_previous(path: Path, settings: Settings, resume: bool) -> tuple[list[di
     if not resume:
         raise ValueError(f"{path} exists: pass --resume to add the missing runs to it, or delete it to start over.")
     data = json.loads(path.read_text())
-    previous, current = data["settings"], _normalised(dataclasses.asdict(settings))
+    # Results from before --retrain-init retrained every structure fresh.
+    previous = {"retrain_init": "fresh", **data["settings"]}
+    current = _normalised(dataclasses.asdict(settings))
     if previous != current:
         # Also catches results of earlier versions of this script, whose settings have other fields.
         changed = {

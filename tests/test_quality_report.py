@@ -1,4 +1,5 @@
-"""The quality benchmark's grid plan, statistics and reports (benchmarks/quality.py), without training anything."""
+"""The quality benchmark's grid plan, statistics and reports (benchmarks/quality.py), without training anything; and
+its retraining initialisations on a tiny BERT, end to end."""
 
 from __future__ import annotations
 
@@ -12,6 +13,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
+
+from peft_s3.tuner.layer import S3Layer
 
 _BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 # quality.py imports its sibling `baselines` by name, as it does when run as a script from benchmarks/.
@@ -123,9 +127,9 @@ def test_paired_across_pairs_a_variant_output_with_the_reference_grid():
     paired_across = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(paired_across)
     variant = [
-        _run("s3pet-m", "a", 2e-4, 0, 0.82, decided_mass=0.9),
-        _run("s3pet-m", "a", 2e-4, 1, 0.70, decided_mass=0.8),
-        _run("s3pet-m", "b", 2e-4, 0, 0.90, decided_mass=0.7),  # no reference run for (b, 0): no pair
+        _run("s3pet-m", "a", 2e-4, 0, 0.82, decided_mass=0.9, retrain_init="eva"),
+        _run("s3pet-m", "a", 2e-4, 1, 0.70, decided_mass=0.8, retrain_init="eva"),
+        _run("s3pet-m", "b", 2e-4, 0, 0.90, decided_mass=0.7, retrain_init="eva"),  # no reference for (b, 0)
     ]
     reference = [
         _run("s3pet-m", "a", 2e-4, 0, 0.80, decided_mass=0.5),
@@ -139,12 +143,19 @@ def test_paired_across_pairs_a_variant_output_with_the_reference_grid():
     assert by_key[("s3pet-m", 2e-4, "pooled")]["mean"] == pytest.approx((2.0 - 4.0) / 2)  # in points
     assert by_key[("random-m", 2e-4, "a")]["mean"] == pytest.approx(22.0)
     assert all(r["budget"] == 2e-4 for r in rows)
+    # Each side's init is named: the reference grid's structures predate --retrain-init, so they started fresh.
+    assert {(r["reference"], r["retrain_init"], r["reference_retrain_init"]) for r in rows} == {
+        ("s3pet-m", "eva", "fresh"),
+        ("random-m", "eva", "fresh"),
+    }
+    assert "| s3pet-m | eva / fresh |" in paired_across.table(rows)
     mass = paired_across.paired_rows(variant, reference, "s3pet-m", ["s3pet-m"], "decided_mass")
     assert {r["scope"]: r["mean"] for r in mass}["pooled"] == pytest.approx((0.4 + 0.2) / 2)  # plain difference
     # A reference line has no budget: it pairs with the search at every budget.
     lines = [_run("lnfit", "a", None, 0, 0.72), _run("lnfit", "a", None, 1, 0.71)]
     rows = paired_across.paired_rows(variant, lines, "s3pet-m", ["lnfit"], "test_accuracy")
     assert {(r["budget"], r["scope"]): r["n"] for r in rows} == {(2e-4, "a"): 2, (2e-4, "pooled"): 2}
+    assert {r["reference_retrain_init"] for r in rows} == {"-"}  # LNFit retrains no structure
     assert {r["scope"]: r["mean"] for r in rows}["a"] == pytest.approx((10.0 - 1.0) / 2)
 
 
@@ -262,6 +273,15 @@ def test_resume_refuses_other_settings_and_older_formats(tmp_path):
     assert len(runs) == 1 and commands == ["python quality.py"]
     with pytest.raises(ValueError, match="search_options"):
         quality.load_previous(path, _settings(search_options={"bilevel": "second_order"}), resume=True)
+    # One output directory holds one retraining init; results from before the option started fresh.
+    with pytest.raises(ValueError, match="'retrain_init': \\('fresh', 'eva'\\)"):
+        quality.load_previous(path, _settings(retrain_init="eva"), resume=True)
+    before_inits = json.loads(path.read_text())
+    del before_inits["settings"]["retrain_init"]
+    path.write_text(json.dumps(before_inits))
+    assert len(quality.load_previous(path, settings, resume=True)[0]) == 1
+    with pytest.raises(ValueError, match="retrain_init"):
+        quality.load_previous(path, _settings(retrain_init="inherit"), resume=True)
     old = json.loads(path.read_text())
     old["settings"] = {"model": "all-MiniLM-L6-v2", "dataset": "vader_movies", "alpha_learning_rate": 1.0}
     path.write_text(json.dumps(old))
@@ -355,3 +375,57 @@ def test_report_only_reads_results_of_the_previous_version(tmp_path):
 def test_report_only_on_a_directory_without_results_fails_clearly(tmp_path):
     with pytest.raises(SystemExit, match=r"quality\.json does not exist: --output-dir must be a directory"):
         quality.main(["--report-only", "--output-dir", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------------------------- retraining inits
+
+
+def _tiny_grid(model_dir: Path, output_dir: Path, init: str, *methods: str) -> list[str]:
+    """A grid of one tiny search (amazon_food, seed 0) on the tiny BERT, with --retrain-init `init`."""
+    return [
+        *("--model", str(model_dir), "--datasets", "amazon_food", "--methods", *methods, "--budgets", "0.02"),
+        *("--seeds", "0", "--max-train", "32", "--max-eval", "16", "--max-length", "16", "--batch-size", "8"),
+        *("--epochs", "1", "--search-epochs", "1", "--retrain-init", init, "--output-dir", str(output_dir)),
+    ]
+
+
+def _lora(model: torch.nn.Module, name: str) -> list[torch.Tensor]:
+    return [getattr(m, name)["default"] for m in model.modules() if isinstance(m, S3Layer) and m.s3_lora_A]
+
+
+@pytest.mark.parametrize("init", ["fresh", "eva", "inherit"])
+def test_retrain_init_starts_the_searched_structure_as_asked(tiny_model_dir, tmp_path, init):
+    args = quality.parse_args(_tiny_grid(tiny_model_dir, tmp_path, init, "s3pet-l"))
+    benchmark = quality.Benchmark(quality.settings_from(args), tmp_path, [], [])
+    spec = quality.RunSpec("s3pet-l", "amazon_food", 0.02, 0)
+    task = benchmark.task(spec.dataset, spec.seed)
+    prepared = benchmark.prepare(spec, task, benchmark.recipe(spec.seed), tmp_path / "scratch")
+    assert prepared.model.peft_config["default"].retrain_init == prepared.extra["retrain_init"] == init
+    a, b = _lora(prepared.model, "s3_lora_A"), _lora(prepared.model, "s3_lora_B")
+    assert a  # the LoRA-only space: every candidate is a LoRA slice
+    orthonormal = [torch.allclose(w @ w.T, torch.eye(w.shape[0]), atol=1e-5) for w in a]
+    if init == "inherit":
+        # The search trained B away from its zero start; a fresh or EVA start has B = 0.
+        assert any(w.any() for w in b)
+    else:
+        assert not any(w.any() for w in b)
+        # EVA's A: principal directions (orthonormal rows); Kaiming-uniform rows are not unit vectors.
+        assert all(orthonormal) if init == "eva" else not any(orthonormal)
+
+
+def test_retrain_init_grid_end_to_end_records_the_init_and_keeps_inits_apart(tiny_model_dir, tmp_path):
+    quality.main(_tiny_grid(tiny_model_dir, tmp_path / "eva", "eva", "s3pet-m", "random-m"))
+    data = json.loads((tmp_path / "eva" / quality.RESULTS_FILE).read_text())
+    assert data["settings"]["retrain_init"] == "eva"
+    assert {(run["method"], run["retrain_init"]) for run in data["runs"]} == {("s3pet-m", "eva"), ("random-m", "eva")}
+    assert 'retrain_init="eva"' in (tmp_path / "eva" / "quality.md").read_text()
+    with pytest.raises(ValueError, match="retrain_init"):
+        quality.main([*_tiny_grid(tiny_model_dir, tmp_path / "eva", "inherit", "s3pet-m"), "--resume"])
+
+    quality.main(_tiny_grid(tiny_model_dir, tmp_path / "inherit", "inherit", "s3pet-m"))
+    runs = json.loads((tmp_path / "inherit" / quality.RESULTS_FILE).read_text())["runs"]
+    assert [(run["method"], run["retrain_init"]) for run in runs] == [("s3pet-m", "inherit")]
+    for methods in (["s3pet-m", "random-m"], ["s3pet-m", "transfer"]):
+        args = quality.parse_args(_tiny_grid(tiny_model_dir, tmp_path / "refused", "inherit", *methods))
+        with pytest.raises(ValueError, match=f"inherit.*\\['{methods[1]}'\\]"):
+            quality.check_grid(quality.settings_from(args), args.datasets, args.methods, args.budget_map)
