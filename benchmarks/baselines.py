@@ -469,6 +469,19 @@ def eva_dataloader(train_dataset: Any, collator: Callable, recipe: TrainingRecip
     )
 
 
+def retrain_init_arguments(
+    init: str, train_dataset: Any, collator: Callable, recipe: TrainingRecipe, search_model: Optional[torch.nn.Module]
+) -> dict[str, Any]:
+    """`apply_structure`'s keyword arguments for a benchmark's --retrain-init: for eva one pass over the batches the
+    EVA baseline reads (`eva_dataloader`, same rows, order and size; the baseline reads them until its components
+    converge), for inherit the run's search model; none for fresh, so its runs are as before."""
+    if init == "eva":
+        return {"init": init, "init_dataloader": eva_dataloader(train_dataset, collator, recipe)}
+    if init == "inherit":
+        return {"init": init, "init_from": search_model}
+    return {}
+
+
 class _EvaHookRecorder:
     """A `forward_fn` for `peft.get_eva_state_dict` that runs the default forward and keeps peft's EVA hooks.
 

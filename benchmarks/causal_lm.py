@@ -35,7 +35,13 @@ from typing import Any
 
 import peft
 import torch
-from baselines import build_baseline, build_budgeted_baseline, eva_dataloader, random_structure, search_space_report
+from baselines import (
+    build_baseline,
+    build_budgeted_baseline,
+    random_structure,
+    retrain_init_arguments,
+    search_space_report,
+)
 from datasets import Dataset
 from quality import mean_std, paired_statistics
 from transformers import Trainer, default_data_collator
@@ -179,15 +185,6 @@ class Benchmark:
         decided = [entry["s3/decided_mass"] for entry in trainer.state.log_history if "s3/decided_mass" in entry]
         return structure, {"search_seconds": seconds, "decided_mass": decided[-1] if decided else None}, model
 
-    def init_arguments(self, blocks: Dataset, seed: int, search_model: peft.PeftModel | None) -> dict[str, Any]:
-        """`apply_structure`'s keyword arguments for --retrain-init; none for fresh, so its runs are as before."""
-        init = self.args.retrain_init
-        if init == "eva":
-            return {"init": init, "init_dataloader": eva_dataloader(blocks, default_data_collator, self.recipe(seed))}
-        if init == "inherit":
-            return {"init": init, "init_from": search_model}
-        return {}
-
     def run(self, method: str, budget: float | None, seed: int, blocks: dict[str, Dataset]) -> dict[str, Any]:
         torch.manual_seed(seed)
         extra: dict[str, Any] = {}
@@ -198,7 +195,9 @@ class Benchmark:
                 torch.manual_seed(seed)
             else:
                 structure, search_model = random_structure(self.report, budget, seed), None
-            init = self.init_arguments(blocks["train"], seed, search_model)
+            init = retrain_init_arguments(
+                self.args.retrain_init, blocks["train"], default_data_collator, self.recipe(seed), search_model
+            )
             model = peft_s3.apply_structure(copy.deepcopy(self.base), structure, **init)
             del search_model  # its copy of the base is not needed while retraining
             extra["retrain_init"] = self.args.retrain_init

@@ -59,8 +59,8 @@ from baselines import (
     build_baseline,
     build_budgeted_baseline,
     composition,
-    eva_dataloader,
     random_structure,
+    retrain_init_arguments,
     search_space_report,
 )
 from scipy import stats
@@ -464,7 +464,15 @@ class Benchmark:
             return self.budgeted_baseline(spec, task, report, recipe)
         structure, extra, search_model = self.structure_for(spec, task, scratch)
         model = apply_structure(
-            fresh_classifier(task, spec.seed), structure, **self.init_arguments(task, recipe, search_model)
+            fresh_classifier(task, spec.seed),
+            structure,
+            **retrain_init_arguments(
+                self.settings.retrain_init,
+                task.splits["train"],
+                DataCollatorWithPadding(task.tokenizer),
+                recipe,
+                search_model,
+            ),
         )
         extra.update(
             composition=composition(structure.candidates),
@@ -472,20 +480,6 @@ class Benchmark:
             retrain_init=self.settings.retrain_init,
         )
         return PreparedModel(model, [], extra=extra)
-
-    def init_arguments(
-        self, task: ClassificationTask, recipe: TrainingRecipe, search_model: Optional[torch.nn.Module]
-    ) -> dict[str, Any]:
-        """`apply_structure`'s keyword arguments for --retrain-init; none for fresh, so its runs are as before."""
-        init = self.settings.retrain_init
-        if init == "eva":
-            # The batches the EVA baseline's SVD reads (same rows, order and size: eva_dataloader with the same
-            # recipe), one pass: the baseline reads them until its components converge.
-            batches = eva_dataloader(task.splits["train"], DataCollatorWithPadding(task.tokenizer), recipe)
-            return {"init": init, "init_dataloader": batches}
-        if init == "inherit":
-            return {"init": init, "init_from": search_model}
-        return {}
 
     def budgeted_baseline(
         self, spec: RunSpec, task: ClassificationTask, report: dict[str, Any], recipe: TrainingRecipe
