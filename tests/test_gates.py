@@ -137,6 +137,24 @@ def test_close_unfittable_moves_the_expected_size_to_candidates_that_fit() -> No
     torch.testing.assert_close(bank.alpha.detach(), alpha, atol=0, rtol=0)
 
 
+def test_close_unfittable_closes_a_candidate_larger_than_the_budget_whatever_its_p() -> None:
+    """At 5e-5 of MiniLM (budget 1,135) searches ended with one 1,920-parameter slice at p 0.59 holding the whole
+    expected size: at p >= 0.5 it counted as decided, its size as an overflow, and nothing was ever closed."""
+    sizes, budget = [1920, 768, 768, 384, 384, 384], 1135
+    bank = _bank([2.0, -1.0, -1.2, -1.4, -1.6, -1.8], sizes, budget)
+    before = bank.probabilities().detach()
+    assert before[0] > 0.5 and before[1:].max() < 0.01
+    assert bank.close_unfittable() == 1
+    after = bank.probabilities().detach()
+    assert after[0] < 1e-4
+    assert float(after @ bank.sizes) == pytest.approx(budget, rel=1e-5)
+
+    def mass(p: torch.Tensor) -> float:
+        return decided_mass(p.tolist(), sizes, exact_selection(p.tolist(), bank.alpha.tolist(), sizes, budget), budget)
+
+    assert mass(before) < 0.05 and mass(after) > mass(before) + 0.3
+
+
 # Three decided candidates of 48 against a budget of 47 (the README main command's search on seed 3 ended so): the
 # shifted sigmoid holds them at p 0.97-0.99 for good, and resolve keeps two and fills the rest with p = 0.
 OVERFLOW_ALPHA = [5.0, 5.0, 4.9, 1.0, 0.5, 0.0, -0.5, -1.0]
