@@ -357,7 +357,8 @@ def write_report(data: dict[str, Any], output_dir: Path) -> str:
             "",
             f"{search}: search wall time / retrain wall time (same epochs): {sum(ratio) / len(ratio):.2f}x "
             f"(n = {len(ratio)}); decided mass at the end of the search: "
-            f"{', '.join(f'{d:.2f}' for d in decided)}.",
+            # A search shorter than the logging interval logs none.
+            f"{', '.join(f'{d:.2f}' for d in decided) or 'not logged'}.",
         ]
     report = "\n".join(lines) + "\n"
     (output_dir / REPORT_FILE).write_text(report)

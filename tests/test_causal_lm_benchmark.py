@@ -71,6 +71,7 @@ def test_lora_search_and_eva_run_on_a_tiny_llama_and_are_paired_in_the_report(tm
     assert f"| s3pet-l | {BUDGET} | eva | 1 | {difference:+.3f} | - | n < 2 |" in text
     assert "| s3pet-m |" not in text  # no Mix-space search was run: no row of it, nor any s3pet-m structure
     assert not list((tmp_path / "structures").glob("s3pet-m*"))
+    assert "decided mass at the end of the search: not logged." in text  # 2 search steps, logging every 10
 
 
 def _run(method: str, budget: float | None, seed: int, perplexity: float) -> dict:
