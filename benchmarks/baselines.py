@@ -55,6 +55,8 @@ LORA_QV_RANKS: dict[str, int] = {"lora-r1-qv": 1, "lora-r8-qv": 8}
 """Baseline name -> LoRA rank on peft's default targets of the model type (query and value for BERT)."""
 ALL_LINEAR_BASELINE = "lora-all-linear"
 BASELINES: tuple[str, ...] = (*LORA_QV_RANKS, *KIND_BASELINES, ALL_LINEAR_BASELINE)
+SEARCH_SPACES: dict[str, tuple[str, ...]] = {"s3pet-m": peft_s3.MIX_SPACE, "s3pet-l": peft_s3.LORA_SPACE}
+"""Searched method -> the candidate kinds its S3 search chooses from (the paper's Mix and LoRA-only spaces)."""
 
 
 def search_space_report(

