@@ -29,7 +29,7 @@ import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import numpy
 import torch
@@ -133,7 +133,7 @@ class SearchCache:
     def _check(self, path: Path, key: dict[str, Any]) -> None:
         """Refuse an entry that is incomplete, altered, or another key's (a hash prefix shared by chance)."""
 
-        def refuse(problem: str) -> None:
+        def refuse(problem: str) -> NoReturn:
             raise ValueError(
                 f"Search cache entry {path} is {problem}. Delete it (the search then runs again and rewrites it), or "
                 "use another --search-cache."
@@ -146,9 +146,11 @@ class SearchCache:
             files = json.loads(manifest.read_text())
         except json.JSONDecodeError:
             refuse(f"corrupt: {MANIFEST_FILE} is not JSON")
+        if not isinstance(files, dict):
+            refuse(f"corrupt: {MANIFEST_FILE} is not a JSON object")
         required = {KEY_FILE, STRUCTURE_FILE, STATS_FILE, RNG_FILE, f"{ADAPTER_DIR}/adapter_config.json"}
-        if not isinstance(files, dict) or not required <= set(files):
-            refuse(f"incomplete: its {MANIFEST_FILE} lacks {sorted(required - set(files or {}))}")
+        if not required <= set(files):
+            refuse(f"incomplete: its {MANIFEST_FILE} lacks {sorted(required - set(files))}")
         for name, digest in files.items():
             if not (path / name).is_file():
                 refuse(f"incomplete: {name} is missing")
