@@ -224,9 +224,9 @@ class GateBank:
         end with one 1,920-parameter slice at p 0.59 holding the whole expected size of 1,135 (9 of 15 runs of
         `benchmarks/results/cost_default/`), and nothing was closed because it looked like an overflow.
 
-        When the candidates at p >= 0.5 that fit the budget together exceed it (e.g. three at p 0.97-1 whose sizes add up to a
-        little more than it), the shifted sigmoid can never open them all, and `resolve` keeps some of them. With
-        `overflow`, those it drops are closed like any other candidate that does not fit; without it, nothing is
+        When the candidates at p >= 0.5 that fit the budget together exceed it (e.g. three at p 0.97-1 whose sizes add
+        up to a little more than it), the shifted sigmoid can never open them all, and `resolve` keeps some of them.
+        With `overflow`, those it drops are closed like any other candidate that does not fit; without it, nothing is
         closed while they overflow.
         """
         p = self.probabilities()
