@@ -16,7 +16,9 @@ order, for every method alike, so runs of one (data set, seed) pair are compared
 --retrain-init says how the structures of S3PET-M, S3PET-L, random and transfer start their retraining
 (`apply_structure`'s init): fresh (the paper's, the default), eva (each module's principal input directions over one
 pass of the batches the EVA baseline reads), or inherit (the search's trained weights: searched structures only). One
---output-dir holds one init: --resume refuses to mix them, as it refuses other settings.
+--output-dir holds one init: --resume refuses to mix them, as it refuses other settings. With --search-cache DIR, runs
+that differ only after the search (e.g. in --retrain-init) share it: each S3PET-M / S3PET-L search is kept in DIR
+(`search_cache.py`) and loaded by a later run with the same key instead of searched again, with the same row.
 
 The grid runs in tiers, so that a partial grid already answers the main question: tier 1 is every budgeted method at
 the budgets that all data sets share, seed by seed; tier 2 the other budgets, the fixed-size baselines, full
@@ -423,10 +425,16 @@ class Benchmark:
         """Everything that determines the search of `spec`: its run, the settings that reach the search, the model's
         files, the code (`SEARCH_CODE`) and the versions of the libraries it runs on."""
         if not self._fingerprints:
-            model = SHIPPED_MODELS[self.settings.model]()[0] if self.settings.model in SHIPPED_MODELS else None
+            s = self.settings
+            model = Path(SHIPPED_MODELS[s.model]()[0] if s.model in SHIPPED_MODELS else s.model)
+            if not model.is_dir():
+                raise ValueError(
+                    f"--search-cache keys a search by the files of its model, so --model must be a local directory "
+                    f"or one of {list(SHIPPED_MODELS)}; got {s.model!r}."
+                )
             self._fingerprints = {
                 # The files at the top of the model's directory are the ones from_pretrained reads.
-                "model": files_fingerprint(p for p in Path(model or self.settings.model).iterdir() if p.is_file()),
+                "model": files_fingerprint(path for path in model.iterdir() if path.is_file()),
                 "code": files_fingerprint(SEARCH_CODE, suffix=".py"),
             }
         settings = dataclasses.asdict(self.settings)

@@ -114,6 +114,13 @@ def test_the_key_holds_the_settings_that_reach_the_search(tiny_model_dir, tmp_pa
     assert (key(**change) == key()) is same
 
 
+def test_the_key_needs_the_model_files(tmp_path):
+    args = quality.parse_args(["--model", "org/hub-id", "--datasets", "amazon_food"])
+    benchmark = quality.Benchmark(quality.settings_from(args), tmp_path, [], [])
+    with pytest.raises(ValueError, match="--model must be a local directory or one of .*; got 'org/hub-id'"):
+        benchmark.search_key(SPEC)
+
+
 def test_the_code_fingerprint_follows_the_contents_of_the_python_files(tmp_path):
     package = tmp_path / "package"
     package.mkdir()
