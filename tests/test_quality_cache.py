@@ -21,14 +21,14 @@ search_cache = sys.modules[quality.SearchCache.__module__]
 SearchCache = search_cache.SearchCache
 PER_RUN = {"wall_seconds", "cpu_seconds", "train_seconds"}
 """Row fields measured anew by every run."""
-SPEC = quality.RunSpec("s3pet-m", "amazon_food", 0.02, 0)
-"""The one run of `_tiny_grid`."""
+SPEC = quality.RunSpec("s3pet-l", "amazon_food", 0.02, 0)
+"""The one run of `_tiny_grid` here: S3PET-L, whose LoRA slices start differently under each init."""
 
 
 def _row(model_dir: Path, output_dir: Path, init: str, cache: Optional[Path], *extra: str) -> dict[str, Any]:
-    """The row of `_tiny_grid`'s S3PET-M run with --retrain-init `init`, and --search-cache `cache` when given."""
+    """The row of `_tiny_grid`'s run of SPEC with --retrain-init `init`, and --search-cache `cache` when given."""
     options = [] if cache is None else ["--search-cache", str(cache)]
-    quality.main([*_tiny_grid(model_dir, output_dir, init, "s3pet-m"), *options, *extra])
+    quality.main([*_tiny_grid(model_dir, output_dir, init, SPEC.method), *options, *extra])
     (run,) = json.loads((output_dir / quality.RESULTS_FILE).read_text())["runs"]
     return run
 
@@ -41,31 +41,32 @@ def _entries(cache: Path) -> list[str]:
     return sorted(path.name for path in cache.iterdir())
 
 
-def test_a_search_loaded_from_the_cache_gives_the_row_of_the_run_that_searched(tiny_model_dir, tmp_path):
+def test_a_search_from_the_cache_gives_the_row_of_the_run_that_searched_for_every_init(tiny_model_dir, tmp_path):
     cache = tmp_path / "cache"
     searched_fresh = _row(tiny_model_dir, tmp_path / "fresh", "fresh", cache)
     (entry,) = _entries(cache)
     assert searched_fresh["search_cached"] is False
-    # --retrain-init is not part of the key: the inherit run loads the fresh run's search.
-    loaded_inherit = _row(tiny_model_dir, tmp_path / "inherit", "inherit", cache)
     loaded_fresh = _row(tiny_model_dir, tmp_path / "fresh_again", "fresh", cache)
-    assert loaded_inherit["search_cached"] is loaded_fresh["search_cached"] is True
-    assert _entries(cache) == [entry]
-    assert loaded_inherit["search_seconds"] == searched_fresh["search_seconds"]
+    assert loaded_fresh["search_cached"] is True
     assert _without(loaded_fresh, "search_cached") == _without(searched_fresh, "search_cached")
-    # Without the cache a row is as before: no search_cached; the same numbers as with the cache, but its own search
-    # time.
-    searched_inherit = _row(tiny_model_dir, tmp_path / "inherit_uncached", "inherit", None)
-    assert "search_cached" not in searched_inherit
-    assert _without(loaded_inherit, "search_cached", "search_seconds") == _without(searched_inherit, "search_seconds")
-    # The inherited start shows in the retraining: the comparison above is not of two fresh runs.
-    assert loaded_inherit["train_loss"] != searched_fresh["train_loss"]
-    written = [quality.structure_path(tmp_path / name, *SPEC.key).read_text() for name in ("fresh", "inherit")]
-    assert written[0] == written[1]
+    for init in ("inherit", "eva"):
+        # --retrain-init is not part of the key: these runs load the fresh run's search.
+        loaded = _row(tiny_model_dir, tmp_path / init, init, cache)
+        assert loaded["search_cached"] is True
+        assert loaded["search_seconds"] == searched_fresh["search_seconds"]
+        # Without the cache a row is as before (no search_cached), with the same numbers but its own search time.
+        searched = _row(tiny_model_dir, tmp_path / f"{init}_uncached", init, None)
+        assert "search_cached" not in searched
+        assert _without(loaded, "search_cached", "search_seconds") == _without(searched, "search_seconds")
+        # The init shows in the retraining: the comparison above is not of two fresh starts.
+        assert loaded["train_loss"] != searched_fresh["train_loss"]
+        written = [quality.structure_path(tmp_path / name, *SPEC.key).read_text() for name in ("fresh", init)]
+        assert written[0] == written[1]
+    assert _entries(cache) == [entry]
 
 
 def test_the_cached_search_model_resolves_to_the_cached_structure(tiny_model_dir, tmp_path):
-    args = quality.parse_args([*_tiny_grid(tiny_model_dir, tmp_path, "fresh", "s3pet-m"), "--search-cache", "c"])
+    args = quality.parse_args(_tiny_grid(tiny_model_dir, tmp_path, "fresh", SPEC.method))
     benchmark = quality.Benchmark(quality.settings_from(args), tmp_path, [], [], SearchCache(tmp_path / "cache"))
     task = benchmark.task(SPEC.dataset, SPEC.seed)
     structure, _, searched = benchmark.structure_for(SPEC, task, tmp_path / "scratch")
@@ -105,7 +106,7 @@ def test_other_search_settings_miss_the_cache(tiny_model_dir, tmp_path):
 )
 def test_the_key_holds_the_settings_that_reach_the_search(tiny_model_dir, tmp_path, change, same):
     def key(**overrides: Any) -> dict[str, Any]:
-        args = quality.parse_args(_tiny_grid(tiny_model_dir, tmp_path, "fresh", "s3pet-m"))
+        args = quality.parse_args(_tiny_grid(tiny_model_dir, tmp_path, "fresh", SPEC.method))
         for name, value in overrides.items():
             setattr(args, name, value)
         args.split_table = quality.split_table(args.splits)
@@ -138,7 +139,7 @@ def stored(tiny_model_dir, tmp_path) -> tuple[SearchCache, dict[str, Any], Any, 
     """A cache with one entry of the tiny search: the cache, the key, a base factory and the entry."""
     cache = tmp_path / "cache"
     _row(tiny_model_dir, tmp_path / "run", "fresh", cache)
-    args = quality.parse_args(_tiny_grid(tiny_model_dir, tmp_path / "run", "fresh", "s3pet-m"))
+    args = quality.parse_args(_tiny_grid(tiny_model_dir, tmp_path / "run", "fresh", SPEC.method))
     benchmark = quality.Benchmark(quality.settings_from(args), tmp_path, [], [])
     task = benchmark.task(SPEC.dataset, SPEC.seed)
     (entry,) = cache.iterdir()
