@@ -54,6 +54,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import datasets
+import numpy
 import peft
 import torch
 import transformers
@@ -209,8 +210,10 @@ RETRAIN_ONLY_SETTINGS = frozenset(
 )
 """Settings fields that do not reach a search: every other one (of the searched data set's split) is part of the
 search cache key, so that a field added later counts until it is listed here."""
-SEARCH_CODE = (Path(peft_s3.__file__).parent, *(Path(__file__).parent / name for name in
-               ("quality.py", "baselines.py", "search_cache.py")))  # fmt: skip
+SEARCH_CODE = (
+    Path(peft_s3.__file__).parent,
+    *(Path(__file__).parent / name for name in ("quality.py", "baselines.py", "search_cache.py")),
+)
 """The code a search runs: the .py files of these make the code fingerprint of the search cache key."""
 
 
@@ -447,7 +450,8 @@ class Benchmark:
                 "seed": spec.seed,
                 "settings": {name: value for name, value in settings.items() if name not in RETRAIN_ONLY_SETTINGS},
                 **self._fingerprints,
-                "versions": {module.__name__: module.__version__ for module in (torch, transformers, peft, datasets)},
+                # numpy draws the data sets' shuffles.
+                "versions": {m.__name__: m.__version__ for m in (torch, transformers, peft, datasets, numpy)},
             }
         )
 
