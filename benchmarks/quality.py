@@ -16,7 +16,9 @@ order, for every method alike, so runs of one (data set, seed) pair are compared
 --retrain-init says how the structures of S3PET-M, S3PET-L, random and transfer start their retraining
 (`apply_structure`'s init): fresh (the paper's, the default), eva (each module's principal input directions over one
 pass of the batches the EVA baseline reads), or inherit (the search's trained weights: searched structures only). One
---output-dir holds one init: --resume refuses to mix them, as it refuses other settings.
+--output-dir holds one init: --resume refuses to mix them, as it refuses other settings. With --search-cache DIR, runs
+that differ only after the search (e.g. in --retrain-init) share it: each S3PET-M / S3PET-L search is kept in DIR
+(`search_cache.py`) and loaded by a later run with the same key instead of searched again, with the same row.
 
 The grid runs in tiers, so that a partial grid already answers the main question: tier 1 is every budgeted method at
 the budgets that all data sets share, seed by seed; tier 2 the other budgets, the fixed-size baselines, full
@@ -52,7 +54,10 @@ from pathlib import Path
 from typing import Any, Optional
 
 import datasets
+import numpy
+import peft
 import torch
+import transformers
 from baselines import (
     BASELINES,
     BUDGETED_BASELINES,
@@ -65,6 +70,7 @@ from baselines import (
     search_space_report,
 )
 from scipy import stats
+from search_cache import SearchCache, files_fingerprint
 from transformers import DataCollatorWithPadding, TrainerCallback
 from transformers.utils import logging as transformers_logging
 
@@ -197,6 +203,18 @@ class Settings:
     transfer_dataset: str
     transfer_budget: float
     retrain_init: str
+
+
+RETRAIN_ONLY_SETTINGS = frozenset(
+    {"epochs", "full_ft_learning_rate", "retrain_init", "transfer_source", "transfer_dataset", "transfer_budget"}
+)
+"""Settings fields that do not reach a search: every other one (of the searched data set's split) is part of the
+search cache key, so that a field added later counts until it is listed here."""
+SEARCH_CODE = (
+    Path(peft_s3.__file__).parent,
+    *(Path(__file__).parent / name for name in ("quality.py", "baselines.py", "search_cache.py")),
+)
+"""The code a search runs: the .py files of these make the code fingerprint of the search cache key."""
 
 
 @dataclass(frozen=True)
@@ -365,13 +383,22 @@ class PreparedModel:
 class Benchmark:
     """Runs the grid, appending every finished run to `output_dir/quality.json`."""
 
-    def __init__(self, settings: Settings, output_dir: Path, runs: list[dict[str, Any]], commands: list[str]) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        output_dir: Path,
+        runs: list[dict[str, Any]],
+        commands: list[str],
+        search_cache: Optional[SearchCache] = None,
+    ) -> None:
         self.settings = settings
         self.output_dir = output_dir
         self.runs = runs
         self.commands = commands
+        self.search_cache = search_cache
         self._tasks: dict[tuple[str, int], ClassificationTask] = {}
         self._reports: dict[str, dict[str, Any]] = {}
+        self._fingerprints: dict[str, str] = {}
 
     @property
     def head(self) -> tuple[str, ...]:
@@ -396,6 +423,37 @@ class Benchmark:
                 dataset, model, seed, s.max_train, s.max_eval, s.max_length, gguf_file, **s.splits[dataset]
             )
         return self._tasks[(dataset, seed)]
+
+    def search_key(self, spec: RunSpec) -> dict[str, Any]:
+        """Everything that determines the search of `spec`: its run, the settings that reach the search, the model's
+        files, the code (`SEARCH_CODE`) and the versions of the libraries it runs on."""
+        if not self._fingerprints:
+            s = self.settings
+            model = Path(SHIPPED_MODELS[s.model]()[0] if s.model in SHIPPED_MODELS else s.model)
+            if not model.is_dir():
+                raise ValueError(
+                    f"--search-cache keys a search by the files of its model, so --model must be a local directory "
+                    f"or one of {list(SHIPPED_MODELS)}; got {s.model!r}."
+                )
+            self._fingerprints = {
+                # The files at the top of the model's directory are the ones from_pretrained reads.
+                "model": files_fingerprint(path for path in model.iterdir() if path.is_file()),
+                "code": files_fingerprint(SEARCH_CODE, suffix=".py"),
+            }
+        settings = dataclasses.asdict(self.settings)
+        settings["splits"] = settings["splits"][spec.dataset]
+        return _normalised(
+            {
+                "method": spec.method,
+                "dataset": spec.dataset,
+                "budget": spec.budget,
+                "seed": spec.seed,
+                "settings": {name: value for name, value in settings.items() if name not in RETRAIN_ONLY_SETTINGS},
+                **self._fingerprints,
+                # numpy draws the data sets' shuffles.
+                "versions": {m.__name__: m.__version__ for m in (torch, transformers, peft, datasets, numpy)},
+            }
+        )
 
     def space_report(self, task: ClassificationTask) -> dict[str, Any]:
         """The Mix search space, which depends only on the architecture (and number of labels), not on the seed."""
@@ -521,14 +579,24 @@ class Benchmark:
             **self.settings.config_options,
         )
         recipe = self.recipe(spec.seed, epochs=self.settings.search_epochs)
+        path = structure_path(self.output_dir, spec.method, spec.dataset, spec.budget, spec.seed)
+        if self.search_cache is not None:
+            label, key = path.stem, self.search_key(spec)
+            cached = self.search_cache.load(label, key, lambda: fresh_classifier(task, recipe.seed))
+            if cached is not None:
+                cached.structure.save(path)
+                return cached.structure, {**cached.stats, "search_cached": True}, cached.model
         model, structure, search_stats = search_structure(
             task, config, recipe, scratch, **self.settings.search_options
         )
-        structure.save(structure_path(self.output_dir, spec.method, spec.dataset, spec.budget, spec.seed))
+        structure.save(path)
         search_stats = _jsonable(dict(search_stats))
         # The keys tell the report which numbers came from the search itself (e.g. decided_mass), whatever they are.
         stats = {**search_stats, "search_stat_keys": sorted(search_stats), **search_diagnostics(model)}
-        return structure, stats, model
+        if self.search_cache is None:
+            return structure, stats, model
+        self.search_cache.store(label, key, model, structure, stats)
+        return structure, {**stats, "search_cached": False}, model
 
 
 def run_key(run: dict[str, Any]) -> tuple[str, str, Optional[float], int]:
@@ -1188,6 +1256,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         ),
     )
     parser.add_argument("--output-dir", default="benchmarks/results/power")
+    parser.add_argument(
+        "--search-cache",
+        default=None,
+        help=(
+            "directory of searches (s3pet-m, s3pet-l) to reuse: a run whose search (same run, settings, model and "
+            "code) is there loads it instead of searching, others add theirs; the rows say search_cached"
+        ),
+    )
     parser.add_argument("--resume", action="store_true", help="keep the runs in quality.json, do only the missing")
     parser.add_argument("--report-only", action="store_true", help="rebuild the reports from quality.json")
     parser.add_argument("--quick", action="store_true", help=f"smoke test: {QUICK_DEFAULTS}, unless given")
@@ -1251,7 +1327,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
         datasets.disable_progress_bars()
-        benchmark = Benchmark(settings, output_dir, runs, [*commands, shlex.join(["python", sys.argv[0], *argv])])
+        cache = None if args.search_cache is None else SearchCache(Path(args.search_cache))
+        command = shlex.join(["python", sys.argv[0], *argv])
+        benchmark = Benchmark(settings, output_dir, runs, [*commands, command], cache)
         benchmark.save()
         specs = plan_runs(settings, args.datasets, args.methods, args.budget_map, args.seeds)
         tiers = {tier: sum(spec.tier == tier for spec in specs) for tier in (1, 2)}
