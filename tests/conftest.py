@@ -7,10 +7,13 @@ is off everywhere, so in train mode the only randomness left is the S3 gate samp
 
 from __future__ import annotations
 
+import importlib.util
 import re
+import sys
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -36,6 +39,24 @@ HIDDEN_SIZE = 16
 NUM_LAYERS = 2
 NUM_LABELS = 2
 _WEIGHT_SEED = 0
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """benchmarks/<name>.py as the module `benchmark_<name>`.
+
+    The scripts import their siblings (`baselines`, `quality`, `search_cache`) by name, as when they run from
+    benchmarks/, so that folder goes on the path first.
+    """
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(autouse=True)

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import datasets
 import peft
 import pytest
 import torch
-from conftest import NUM_LABELS, VOCAB_SIZE, make_batch, tiny_bert
+from conftest import NUM_LABELS, VOCAB_SIZE, load_benchmark, make_batch, tiny_bert
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerFast, Trainer
 
 import peft_s3
 from peft_s3.recipes import ClassificationTask, TrainingRecipe, train_and_evaluate
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines.py"
-_SPEC = importlib.util.spec_from_file_location("benchmark_baselines", _PATH)
-baselines = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = baselines
-_SPEC.loader.exec_module(baselines)
+baselines = load_benchmark("baselines")
 
 
 @pytest.fixture(scope="module")

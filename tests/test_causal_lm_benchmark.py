@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-from conftest import tiny_llama
+from conftest import load_benchmark, tiny_llama
 from transformers import PreTrainedTokenizerFast
 
 from peft_s3.structure import SearchedStructure
 
-_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-# causal_lm.py imports its siblings `baselines` and `quality` by name, as when it runs as a script in benchmarks/.
-if str(_BENCHMARKS) not in sys.path:
-    sys.path.insert(0, str(_BENCHMARKS))
-_SPEC = importlib.util.spec_from_file_location("benchmark_causal_lm", _BENCHMARKS / "causal_lm.py")
-causal_lm = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = causal_lm
-_SPEC.loader.exec_module(causal_lm)
+causal_lm = load_benchmark("causal_lm")
 import baselines  # noqa: E402  (the module causal_lm.py uses, importable once benchmarks/ is on the path)
 
 BUDGET = 0.03  # 202 of the tiny Llama's 6,736 backbone parameters: a few LoRA slices, four EVA ranks of its MLP

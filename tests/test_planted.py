@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_benchmark
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "planted.py"
-_SPEC = importlib.util.spec_from_file_location("benchmark_planted", _PATH)
-planted = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = planted
-_SPEC.loader.exec_module(planted)
+planted = load_benchmark("planted")
 
 # Mixed kinds on both architectures: LoRA + LNFit + adapter on Llama, LoRA + BitFit + adapter on a 4-layer BERT.
 MIXED_CASES = ("llama-lora+lnfit+adapter", "bert4-lora+bitfit+adapter")

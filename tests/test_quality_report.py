@@ -3,28 +3,20 @@ its retraining initialisations on a tiny BERT, end to end."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
 import shutil
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import BENCHMARKS, load_benchmark
 
 from peft_s3.tuner.layer import S3Layer
 
-_BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-# quality.py imports its sibling `baselines` by name, as it does when run as a script from benchmarks/.
-if str(_BENCHMARKS) not in sys.path:
-    sys.path.insert(0, str(_BENCHMARKS))
-_SPEC = importlib.util.spec_from_file_location("benchmark_quality", _BENCHMARKS / "quality.py")
-quality = importlib.util.module_from_spec(_SPEC)
-sys.modules[_SPEC.name] = quality
-_SPEC.loader.exec_module(quality)
+quality = load_benchmark("quality")
 
 DEFAULT_DATASETS = ["vader_movies", "amazon_food", "bbc_news"]
 
@@ -123,9 +115,7 @@ def test_mix_search_is_paired_with_the_lora_only_search_but_not_the_reverse():
 
 
 def test_paired_across_pairs_a_variant_output_with_the_reference_grid():
-    spec = importlib.util.spec_from_file_location("benchmark_paired_across", _BENCHMARKS / "paired_across.py")
-    paired_across = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(paired_across)
+    paired_across = load_benchmark("paired_across")
     variant = [
         _run("s3pet-m", "a", 2e-4, 0, 0.82, decided_mass=0.9, retrain_init="eva"),
         _run("s3pet-m", "a", 2e-4, 1, 0.70, decided_mass=0.8, retrain_init="eva"),
@@ -361,7 +351,7 @@ def test_report_of_a_single_run_has_no_interval(tmp_path):
 
 
 def test_report_only_reads_results_of_the_previous_version(tmp_path):
-    old = _BENCHMARKS / "results" / quality.RESULTS_FILE
+    old = BENCHMARKS / "results" / quality.RESULTS_FILE
     if not old.is_file():
         pytest.skip("no committed results of the previous version")
     data = json.loads(old.read_text())
