@@ -24,6 +24,10 @@ variant `default` ({}) is the library's defaults with the probe's steps and lear
         --output benchmarks/results/planted/second_order.json --resume
     python benchmarks/planted.py --report-only --output benchmarks/results/planted/second_order.json
     python benchmarks/planted.py --retrain-misses --output benchmarks/results/planted/second_order.json
+    nice python benchmarks/planted.py --hidden-size 128 --init-scale 0.5 --output benchmarks/results/planted/h128.json
+
+`--hidden-size` and `--init-scale` (the base's initializer_range in units of hidden_size**-0.5) vary the probe's
+models away from the size and scale its settings were built on; each file holds one size and scale.
 
 A miss is checked by training the planted and the resolved structure alone (`retrained_mse`): when the planted one
 fits the held-out targets better, the search failed; otherwise the case does not identify its plants.
@@ -132,6 +136,8 @@ class Settings:
     batch_size: int = 16
     steps: int = 240
     learning_rate: float = 1e-2
+    # The base's initializer_range in units of hidden_size**-0.5 (the scale the probe was built on).
+    init_scale: float = 1.0
 
 
 # Planted positions avoid the exact symmetries of the search space, where another candidate of the same size
@@ -299,7 +305,7 @@ def base_model(case: Case, seed: int, settings: Settings = Settings()) -> PreTra
         "problem_type": "regression",
         # Pretrained-like scale: with the default 0.02 the blocks barely touch the residual stream and attention is
         # uniform, so deltas on attention saturate at a negligible output change.
-        "initializer_range": settings.hidden_size**-0.5,
+        "initializer_range": settings.init_scale * settings.hidden_size**-0.5,
     }
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -416,6 +422,10 @@ def solo_effects(
     return effects
 
 
+class UnplantableCase(ValueError):
+    """The planted deltas cannot move the outputs by the case's effect at these settings (e.g. saturated attention)."""
+
+
 def build_teacher(case: Case, seed: int, planted: Sequence[Candidate], settings: Settings) -> peft.PeftModel:
     """Base + the planted candidates with random deltas, each rescaled to move the outputs by `case.effect`."""
     structure: dict[str, dict[str, int]] = {}
@@ -439,7 +449,7 @@ def build_teacher(case: Case, seed: int, planted: Sequence[Candidate], settings:
         if not math.isfinite(value) or abs(value / target - 1) > _EFFECT_TOLERANCE
     }
     if off:
-        raise ValueError(
+        raise UnplantableCase(
             f"Case {case.name!r} seed {seed}: planted candidates {off} do not reach the solo effect {target:.4g} "
             "(the output does not depend on them enough); plant them elsewhere."
         )
@@ -783,8 +793,12 @@ def retrain_misses(path: Path) -> dict[str, Any]:
     return results
 
 
-def check_variant(variant: Variant, settings: Settings = Settings()) -> None:
-    """Build the variant's config, trainer and resolve on the smallest case without training: bad values fail now."""
+def check_variant(variant: Variant) -> None:
+    """Build the variant's config, trainer and resolve on the smallest case without training: bad values fail now.
+
+    At the default settings, where the case can be planted: a variant's values are valid or not whatever the size.
+    """
+    settings = Settings()
     case = CASES["bert-lora-q"]
     _, student, dataset = build_case(case, 0, variant, dataclasses.replace(settings, examples=16))
     with tempfile.TemporaryDirectory() as output_dir:
@@ -845,7 +859,8 @@ def _start_results(path: Path, resume: bool, variants: Sequence[Variant], settin
     """The JSON to append to: the old one with --resume (same settings, library defaults and variant specs
     required), else new."""
     old = _load(path) if resume else {}
-    if old and old["settings"] != dataclasses.asdict(settings):
+    # Files from before a setting existed were made at its default.
+    if old and dataclasses.asdict(Settings(**old["settings"])) != dataclasses.asdict(settings):
         raise ValueError(
             f"{path} was written with settings {old['settings']}; these are {dataclasses.asdict(settings)}."
         )
@@ -894,15 +909,23 @@ def run_suite(
     """Run every (variant, case, seed) not yet in `output` (with `resume`), saving after each run."""
     if check:
         for variant in variants:
-            check_variant(variant, settings)
+            check_variant(variant)
     results = _start_results(output, resume, variants, settings)
     done = {(run["variant"], run["case"], run["seed"]) for run in results["runs"]}
+    # A (case, seed) that cannot be planted at these settings is reported, not a reason to stop the suite.
+    unplantable = results.setdefault("unplantable", {})
     for variant in variants:
         for case in cases:
             for seed in seeds:
-                if (variant.name, case.name, seed) in done:
+                if (variant.name, case.name, seed) in done or f"{case.name} seed {seed}" in unplantable:
                     continue
-                run = run_case(case, seed, variant, settings)
+                try:
+                    run = run_case(case, seed, variant, settings)
+                except UnplantableCase as error:
+                    unplantable[f"{case.name} seed {seed}"] = str(error)
+                    _save(output, results)
+                    print(f"     skipped: {error}", flush=True)
+                    continue
                 results["runs"].append(run)
                 _save(output, results)
                 print(_run_line(run), flush=True)
@@ -1008,7 +1031,11 @@ def case_table(runs: Sequence[dict[str, Any]], variants: Sequence[str]) -> str:
 
 def report(results: dict[str, Any]) -> str:
     variants = list(results["variants"])
-    return summary_table(results["runs"], variants) + "\n\n" + case_table(results["runs"], variants)
+    tables = summary_table(results["runs"], variants) + "\n\n" + case_table(results["runs"], variants)
+    skipped = sorted(results.get("unplantable", {}))
+    return tables + (
+        f"\n\nNot run, the planted deltas cannot reach the case's effect: {', '.join(skipped)}" if skipped else ""
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -1036,6 +1063,15 @@ def _parser() -> argparse.ArgumentParser:
         "print the tables and exit",
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads (tiny models gain nothing from more)")
+    parser.add_argument(
+        "--hidden-size", type=int, default=Settings.hidden_size, help="of every case's model (intermediate: twice it)"
+    )
+    parser.add_argument(
+        "--init-scale",
+        type=float,
+        default=Settings.init_scale,
+        help="the base's initializer_range in units of hidden_size**-0.5",
+    )
     return parser
 
 
@@ -1060,6 +1096,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.retrain_misses:
         print(report(retrain_misses(args.output)))
         return
+    if args.hidden_size % Settings.num_heads or args.hidden_size <= 0 or not args.init_scale > 0:
+        raise SystemExit(
+            f"error: --hidden-size must be a positive multiple of {Settings.num_heads} (got {args.hidden_size}) and "
+            f"--init-scale > 0 (got {args.init_scale})."
+        )
+    settings = Settings(hidden_size=args.hidden_size, init_scale=args.init_scale)
     try:
         variants = [parse_variant(text) for text in args.variant] or [DEFAULT_VARIANT]
         cases = select_cases(args.cases)
@@ -1071,7 +1113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if len(set(names)) != len(names):
         raise SystemExit(f"error: variant names must be unique, got {names}.")
     start = time.perf_counter()
-    results = run_suite(cases, args.seeds, variants, args.output, args.resume, check=False)
+    results = run_suite(cases, args.seeds, variants, args.output, args.resume, settings, check=False)
     print(f"\n{len(results['runs'])} runs in {args.output} ({time.perf_counter() - start:.0f} s this call)\n")
     print(report(results))
 

@@ -165,3 +165,38 @@ def test_adapter_features_given_starts_the_students_planted_adapter_at_the_teach
     # Off, the key stays out of the spec, so result files written before it existed still resume.
     assert "adapter_features_given" not in planted.make_variant("off", {}).spec()
     assert given.spec()["adapter_features_given"] is True
+
+
+def test_model_size_and_init_scale_reach_the_base_and_resume_checks_them(tmp_path):
+    case = planted.CASES["llama-lora-o"]
+    wide = planted.Settings(hidden_size=64, init_scale=0.5)
+    model = planted.base_model(case, 0, wide)
+    assert model.config.hidden_size == 64 and model.config.intermediate_size == 128
+    assert model.config.initializer_range == pytest.approx(0.5 * 64**-0.5)
+    output = tmp_path / "out.json"
+    planted._save(output, planted._start_results(output, False, [planted.DEFAULT_VARIANT], wide))
+    with pytest.raises(ValueError, match="init_scale"):
+        planted._start_results(output, True, [planted.DEFAULT_VARIANT], planted.Settings(hidden_size=64))
+    # A file from before init_scale existed was made at its default, and resumes under it.
+    old = json.loads(output.read_text())
+    old["settings"] = {key: value for key, value in old["settings"].items() if key != "init_scale"}
+    old["settings"]["hidden_size"] = planted.Settings.hidden_size
+    output.write_text(json.dumps(old))
+    assert planted._start_results(output, True, [planted.DEFAULT_VARIANT], planted.Settings())["runs"] == []
+
+
+def test_cli_refuses_a_hidden_size_the_heads_do_not_divide(tmp_path):
+    with pytest.raises(SystemExit, match="--hidden-size must be a positive multiple of 4 \\(got 30\\)"):
+        planted.main(["--hidden-size", "30", "--output", str(tmp_path / "out.json")])
+
+
+def test_a_case_that_cannot_be_planted_is_reported_and_the_suite_goes_on(tmp_path):
+    # At half the probe's init scale BERT's attention saturates: a query slice cannot move the outputs enough.
+    settings = planted.Settings(init_scale=0.5)
+    output = tmp_path / "out.json"
+    results = planted.run_suite(
+        [planted.CASES["bert-lora-q"]], [0], [planted.DEFAULT_VARIANT], output, False, settings
+    )
+    assert results["runs"] == []
+    assert "do not reach the solo effect" in json.loads(output.read_text())["unplantable"]["bert-lora-q seed 0"]
+    assert "cannot reach the case's effect: bert-lora-q seed 0" in planted.report(results)
