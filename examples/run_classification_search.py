@@ -9,8 +9,8 @@ given as the only argument.
    set saved with `save_to_disk` or one built into `peft_s3.data` (amazon_food, vader_movies, bbc_news, ...). Without
    a validation split, --validation_split_size of the training rows become one.
 2. Search: `S3SearchTrainer` on the training split (halved into D_delta and D_alpha) under --budget.
-3. Resolve the structure, retrain it from scratch on the whole training split with a plain `Trainer`, and evaluate
-   on the validation and test splits (accuracy, macro-F1).
+3. Resolve the structure, retrain it from the search's weights on the whole training split with a plain `Trainer`, and
+   evaluate on the validation and test splits (accuracy, macro-F1).
 
 Writes to --output_dir: s3_structure.json, gates_p.png (the search's gates), structure.png (the selection),
 adapter/ (the retrained adapter, its structure and a model card), results.json; search/ and retrain/ hold the two
@@ -297,10 +297,15 @@ def trainer_arguments(args: S3SearchArguments, stage: str, **changes: Any) -> S3
 
 
 def retrain_and_evaluate(
-    task: ClassificationTask, structure: peft_s3.SearchedStructure, model_args: ModelArguments, args: S3SearchArguments
+    task: ClassificationTask,
+    search_model: peft.PeftModel,
+    structure: peft_s3.SearchedStructure,
+    model_args: ModelArguments,
+    args: S3SearchArguments,
 ) -> tuple[peft.PeftModel, dict[str, Any]]:
-    """The structure built afresh on the pretrained model, trained on the whole training split, and its scores."""
-    model = peft_s3.apply_structure(fresh_classifier(task, args.seed), structure)
+    """The structure on the pretrained model, starting from the search's weights, trained on the whole training split,
+    and its scores."""
+    model = peft_s3.apply_structure(fresh_classifier(task, args.seed), structure, init_from=search_model)
     changes = {
         "num_train_epochs": model_args.retrain_num_train_epochs,
         "max_steps": model_args.retrain_max_steps,
@@ -336,8 +341,8 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     plot_structure(structure, value="selected", path=output_dir / "structure.png")
     print(structure.table())
 
-    print("== retrain the searched structure from scratch on the whole training split")
-    model, metrics = retrain_and_evaluate(task, structure, model_args, args)
+    print("== retrain the searched structure, from the search's weights, on the whole training split")
+    model, metrics = retrain_and_evaluate(task, search_model, structure, model_args, args)
     peft_s3.save_pretrained_with_structure(model, output_dir / "adapter", structure)
     if args.push_to_hub:
         repo_id = args.hub_model_id or output_dir.name

@@ -81,9 +81,9 @@ def main() -> None:
     plot_structure(structure, value="selected", path=output_dir / "structure.png")
     print(structure.table())
 
-    print("== retrain the searched structure from scratch on the full training split")
+    print("== retrain the searched structure, from the search's weights, on the full training split")
     recipe.epochs = args.retrain_epochs
-    model = apply_structure(fresh_classifier(task, args.seed), structure)
+    model = apply_structure(fresh_classifier(task, args.seed), structure, init_from=search_model)
     metrics = train_and_evaluate(model, task, recipe, output_dir)
     save_pretrained_with_structure(model, output_dir / "retrained", structure)
 

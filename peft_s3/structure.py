@@ -609,7 +609,7 @@ def apply_structure(
     adapter_name: str = "default",
     revision: Optional[str] = None,
     *,
-    init: str = "fresh",
+    init: Optional[str] = None,
     init_dataloader: Optional[Iterable] = None,
     eva_config: Optional[EvaInitConfig] = None,
     init_from: Optional[Any] = None,
@@ -620,7 +620,9 @@ def apply_structure(
     (with `revision`).
 
     `init` says how the candidates start (`peft_s3.tuner.config.RETRAIN_INITS`); the adapter config records it as
-    `retrain_init`:
+    `retrain_init`. The default is "inherit" when `init_from` is given and "fresh" otherwise: inheriting won the
+    paired grid of initialisations (benchmarks/README.md, "Retraining initialisations (issue 25)"), and a structure
+    loaded without its search model has nothing to inherit.
 
     - "fresh" (the paper's): LoRA A Kaiming-uniform; LoRA B, BitFit and LNFit deltas and adapter up-projections zero.
     - "eva" (data-driven, EVA's idea at the structure's ranks): each module's LoRA A is the top principal directions
@@ -648,6 +650,8 @@ def apply_structure(
         structure = SearchedStructure.from_pretrained(structure, revision)
     elif revision is not None:
         raise ValueError(f"revision={revision!r} applies to a structure given by repo id or path, not to an object.")
+    if init is None:
+        init = "fresh" if init_from is None else "inherit"
     config = structure.to_peft_config(retrain_init=init)
     _check_init_arguments(init, init_dataloader, eva_config, init_from)
     # Everything that can be refused is refused here, before get_peft_model changes the base in place.

@@ -256,9 +256,11 @@ def test_inherit_reproduces_the_resolved_search() -> None:
     search.eval()
     with search.base_model.fixed_eval_gates(mask), torch.no_grad():
         expected = search(**batch).logits
-    model = apply_structure(TINY_MODELS["bert"](), structure, init="inherit", init_from=search)
+    # Given the search model, apply_structure inherits by default.
+    model = apply_structure(TINY_MODELS["bert"](), structure, init_from=search)
     assert model.peft_config["default"].retrain_init == "inherit"
     torch.testing.assert_close(_outputs(model, batch), expected, rtol=0, atol=1e-6)
+    assert apply_structure(TINY_MODELS["bert"](), structure).peft_config["default"].retrain_init == "fresh"
     # The inherited deltas do act: the base's output is far outside that tolerance.
     assert (_outputs(TINY_MODELS["bert"](), batch) - expected).abs().max() > 1e-4
 

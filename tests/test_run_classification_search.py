@@ -105,6 +105,8 @@ def test_searches_retrains_and_writes_every_output_from_a_csv(
     adapter = output / "adapter"
     assert peft_s3.SearchedStructure.load(adapter).structure == structure.structure
     assert "S3 searched structure" in (adapter / "README.md").read_text()
+    # Retraining started from the search's weights, the default when apply_structure is given the search model.
+    assert json.loads((adapter / "adapter_config.json").read_text())["retrain_init"] == "inherit"
     # The retrained adapter loads onto a fresh base with exactly the structure's trainable parameters (plus the head).
     model = PeftModel.from_pretrained(TINY_MODELS["bert"](), adapter, is_trainable=True)
     trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "classifier" not in n)
