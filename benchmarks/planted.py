@@ -24,7 +24,7 @@ variant `default` ({}) is the library's defaults with the probe's steps and lear
         --output benchmarks/results/planted/second_order.json --resume
     python benchmarks/planted.py --report-only --output benchmarks/results/planted/second_order.json
     python benchmarks/planted.py --retrain-misses --output benchmarks/results/planted/second_order.json
-    nice python benchmarks/planted.py --hidden-size 128 --init-scale 0.5 --output benchmarks/results/planted/h128.json
+    nice python benchmarks/planted.py --hidden-size 128 --init-scale 2 --output benchmarks/results/planted/h128.json
 
 `--hidden-size` and `--init-scale` (the base's initializer_range in units of hidden_size**-0.5) vary the probe's
 models away from the size and scale its settings were built on; each file holds one size and scale.
@@ -917,12 +917,13 @@ def run_suite(
     for variant in variants:
         for case in cases:
             for seed in seeds:
-                if (variant.name, case.name, seed) in done or f"{case.name} seed {seed}" in unplantable:
+                teacher_key = f"{case.name} seed {seed}"
+                if (variant.name, case.name, seed) in done or teacher_key in unplantable:
                     continue
                 try:
                     run = run_case(case, seed, variant, settings)
                 except UnplantableCase as error:
-                    unplantable[f"{case.name} seed {seed}"] = str(error)
+                    unplantable[teacher_key] = str(error)
                     _save(output, results)
                     print(f"     skipped: {error}", flush=True)
                     continue
