@@ -22,7 +22,10 @@ holds one init.
 A seed fixes the article split, the block order and every initialisation, for all methods alike; differences are
 paired per seed. The metric is held-out perplexity, exp of the mean token cross-entropy over every test block (the
 base model's own perplexity is reported too). Each run is appended to causal_lm.json as it ends; --resume continues;
---report-only rebuilds causal_lm.md from causal_lm.json.
+--report-only rebuilds causal_lm.md from causal_lm.json. --merge pools the runs of output directories that differ
+only in their methods, seeds and --retrain-init (processes run side by side, or searches retrained with inherit
+beside random structures retrained fresh) into --output-dir and reports them; structure methods are labelled with
+their init.
 
     HF_HUB_OFFLINE=1 python benchmarks/causal_lm.py --output-dir benchmarks/results/causal_lm --resume
 """
@@ -52,7 +55,7 @@ from baselines import (
     search_space_report,
 )
 from datasets import Dataset
-from quality import mean_std, paired_statistics
+from quality import mean_std, paired_statistics, retrain_init_of
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, default_data_collator
 
 import peft_s3
@@ -67,6 +70,8 @@ STRUCTURE_METHODS = (*SEARCH_SPACES, "random-m")
 """Methods that retrain a structure with `apply_structure`: the ones --retrain-init applies to."""
 REFERENCES = ("random-m", "eva", "adalora", "lora-r1-qv")
 """What every search is compared with pairwise (same budget and seed)."""
+MERGEABLE_SETTINGS = ("methods", "seeds", "retrain_init")
+"""The settings in which the output directories that --merge pools may differ."""
 RESULTS_FILE = "causal_lm.json"
 REPORT_FILE = "causal_lm.md"
 
@@ -91,6 +96,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output-dir", default="benchmarks/results/causal_lm")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--report-only", action="store_true", help=f"rebuild {REPORT_FILE} from {RESULTS_FILE}")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="DIR",
+        help=f"pool the {RESULTS_FILE} of these output directories into --output-dir (runs nothing)",
+    )
     args = parser.parse_args(argv)
     if args.retrain_init == "inherit" and "random-m" in args.methods:
         parser.error(
@@ -152,8 +163,8 @@ class Benchmark:
         if self.path.exists() and not args.resume:
             raise ValueError(f"{self.path} exists: pass --resume to continue it, or delete it.")
         self.data = json.loads(self.path.read_text()) if self.path.exists() else {"runs": []}
-        # Results from before --retrain-init retrained every structure fresh.
-        previous = self.data.get("settings", {}).get("retrain_init", "fresh")
+        # Results from before --retrain-init retrained every structure fresh; a new file has no init yet.
+        previous = self.data["settings"].get("retrain_init", "fresh") if self.data["runs"] else args.retrain_init
         if previous != args.retrain_init:
             raise ValueError(
                 f"--resume: {self.path} retrained its structures with --retrain-init {previous}, not "
@@ -289,6 +300,16 @@ def perplexity_verdict(stats: dict[str, Any]) -> str:
     return "search better" if stats["ci_high"] < 0 else "search worse" if stats["ci_low"] > 0 else "tie"
 
 
+def retrain_inits(method: str, runs: list[dict[str, Any]]) -> str:
+    """The retraining inits of `method`'s runs ("" for a method that retrains no structure)."""
+    return "/".join(sorted({retrain_init_of(run) for run in runs if run["method"] == method} - {None}))
+
+
+def labelled(method: str, runs: list[dict[str, Any]]) -> str:
+    inits = retrain_inits(method, runs)
+    return f"{method} ({inits})" if inits else method
+
+
 def paired_rows(runs: list[dict[str, Any]]) -> list[str]:
     """Table rows of every search minus every reference in `REFERENCES`, per budget, over the seeds both ran."""
     by_key = {(r["method"], r["budget"], r["seed"]): r["test_perplexity"] for r in runs}
@@ -307,8 +328,8 @@ def paired_rows(runs: list[dict[str, Any]]) -> list[str]:
                 stats = paired_statistics(differences)
                 interval = "-" if len(differences) < 2 else f"[{stats['ci_low']:+.3f}, {stats['ci_high']:+.3f}]"
                 lines.append(
-                    f"| {search} | {budget} | {reference} | {len(differences)} | {stats['mean']:+.3f} | {interval} | "
-                    f"{perplexity_verdict(stats)} |"
+                    f"| {labelled(search, runs)} | {budget} | {labelled(reference, runs)} | {len(differences)} | "
+                    f"{stats['mean']:+.3f} | {interval} | {perplexity_verdict(stats)} |"
                 )
     return lines
 
@@ -335,7 +356,7 @@ def write_report(data: dict[str, Any], output_dir: Path) -> str:
         shown_seconds = f"{sum(seconds) / len(seconds):.0f}" if seconds else "-"
         shown_budget = "-" if budget is None else budget
         lines.append(
-            f"| {method} | {shown_budget} | {len(group)} | {'/'.join(f'{p:,}' for p in params)} | "
+            f"| {labelled(method, group)} | {shown_budget} | {len(group)} | {'/'.join(f'{p:,}' for p in params)} | "
             f"{mean:.3f} ± {std:.3f} | {shown_seconds} |"
         )
     lines += [
@@ -366,8 +387,65 @@ def write_report(data: dict[str, Any], output_dir: Path) -> str:
     return report
 
 
+def _read_results(directory: Path) -> dict[str, Any]:
+    path = directory / RESULTS_FILE
+    if not path.is_file():
+        raise SystemExit(f"error: --merge: {path} does not exist; pass causal_lm.py output directories.")
+    return json.loads(path.read_text())
+
+
+def _shared_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in settings.items() if key not in MERGEABLE_SETTINGS}
+
+
+def merge_results(directories: list[Path], output_dir: Path, command: str) -> dict[str, Any]:
+    """The runs of `directories` as one results file in `output_dir`. Refused when their settings differ beyond
+    `MERGEABLE_SETTINGS`, when one run is in two of them (except a base perplexity, which depends on the seed only),
+    or when `output_dir` holds runs that are not an earlier merge (which a new merge replaces)."""
+    sources = [(directory, _read_results(directory)) for directory in directories]
+    target = output_dir / RESULTS_FILE
+    if target.exists() and "merged_from" not in json.loads(target.read_text()):
+        raise SystemExit(f"error: --merge would overwrite {target}, which holds runs: choose another --output-dir.")
+    first = _shared_settings(sources[0][1]["settings"])
+    runs: dict[tuple[str, Any, int], dict[str, Any]] = {}
+    for directory, data in sources:
+        other = _shared_settings(data["settings"])
+        differing = sorted(key for key in first.keys() | other.keys() if first.get(key) != other.get(key))
+        if differing:
+            raise SystemExit(
+                f"error: --merge: {directory} was run with other settings ({', '.join(differing)}) than "
+                f"{directories[0]}; only {', '.join(MERGEABLE_SETTINGS)} may differ."
+            )
+        for run in data["runs"]:
+            key = (run["method"], run["budget"], run["seed"])
+            same_base = run["method"] == "base" and key in runs
+            if same_base and math.isclose(run["test_perplexity"], runs[key]["test_perplexity"], rel_tol=1e-6):
+                continue
+            if key in runs:
+                raise SystemExit(f"error: --merge: (method, budget, seed) {key} is in {directory} and an earlier one.")
+            runs[key] = run
+    merged = list(runs.values())
+    methods = [method for method in METHODS if any(run["method"] == method for run in merged)]
+    inits = {method: retrain_inits(method, merged) for method in methods if retrain_inits(method, merged)}
+    settings = first | {"methods": methods, "seeds": sorted({run["seed"] for run in merged}), "retrain_init": inits}
+    data = {
+        "runs": merged,
+        "settings": settings,
+        "command": command,
+        "merged_from": [{"output_dir": str(d), "command": source["command"]} for d, source in sources],
+    }
+    output_dir.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(data, indent=1))
+    return data
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    if args.merge:
+        output_dir = Path(args.output_dir)
+        command = "python " + " ".join(sys.argv if argv is None else ["causal_lm.py", *argv])
+        write_report(merge_results([Path(d) for d in args.merge], output_dir, command), output_dir)
+        return
     if args.report_only:
         path = Path(args.output_dir) / RESULTS_FILE
         if not path.exists():
