@@ -139,6 +139,13 @@ class Settings:
     # The base's initializer_range in units of hidden_size**-0.5 (the scale the probe was built on).
     init_scale: float = 1.0
 
+    def __post_init__(self) -> None:
+        if self.hidden_size <= 0 or self.hidden_size % self.num_heads or not self.init_scale > 0:
+            raise ValueError(
+                f"hidden_size must be a positive multiple of num_heads={self.num_heads} (got {self.hidden_size}) "
+                f"and init_scale > 0 (got {self.init_scale})."
+            )
+
 
 # Planted positions avoid the exact symmetries of the search space, where another candidate of the same size
 # explains the targets equally well: a key bias shifts every score of a query equally (softmax ignores it), and a
@@ -1097,13 +1104,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.retrain_misses:
         print(report(retrain_misses(args.output)))
         return
-    if args.hidden_size % Settings.num_heads or args.hidden_size <= 0 or not args.init_scale > 0:
-        raise SystemExit(
-            f"error: --hidden-size must be a positive multiple of {Settings.num_heads} (got {args.hidden_size}) and "
-            f"--init-scale > 0 (got {args.init_scale})."
-        )
-    settings = Settings(hidden_size=args.hidden_size, init_scale=args.init_scale)
     try:
+        settings = Settings(hidden_size=args.hidden_size, init_scale=args.init_scale)
         variants = [parse_variant(text) for text in args.variant] or [DEFAULT_VARIANT]
         cases = select_cases(args.cases)
         for variant in variants:

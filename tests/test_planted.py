@@ -185,9 +185,12 @@ def test_model_size_and_init_scale_reach_the_base_and_resume_checks_them(tmp_pat
     assert planted._start_results(output, True, [planted.DEFAULT_VARIANT], planted.Settings())["runs"] == []
 
 
-def test_cli_refuses_a_hidden_size_the_heads_do_not_divide(tmp_path):
-    with pytest.raises(SystemExit, match="--hidden-size must be a positive multiple of 4 \\(got 30\\)"):
+def test_settings_and_cli_refuse_a_hidden_size_the_heads_do_not_divide_and_a_scale_below_zero(tmp_path):
+    with pytest.raises(SystemExit, match="error: hidden_size must be a positive multiple of num_heads=4 \\(got 30\\)"):
         planted.main(["--hidden-size", "30", "--output", str(tmp_path / "out.json")])
+    assert not (tmp_path / "out.json").exists()
+    with pytest.raises(ValueError, match="init_scale > 0 \\(got -1.0\\)"):
+        planted.Settings(init_scale=-1.0)
 
 
 def test_a_case_that_cannot_be_planted_is_reported_and_the_suite_goes_on(tmp_path):
