@@ -5,6 +5,8 @@ are paired with the reference output's runs of the same data set, budget and see
 initialisation and data order for every method), per data set and pooled, with the same statistics as quality.py.
 Each row names how the structures of both sides started their retraining (quality.py --retrain-init; "-" for a method
 that retrains no structure): one output directory holds one init, so inits are compared by passing two directories.
+A variant run by several processes side by side (one --output-dir each, e.g. split by data set) is passed as several
+variant directories before the reference one; their runs are pooled.
 
     python benchmarks/paired_across.py benchmarks/results/power_warmup benchmarks/results/power \\
         --method s3pet-m --references s3pet-m random-m adalora eva --output benchmarks/results/power_warmup/paired.json
@@ -14,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from quality import paired_observations, paired_statistics, retrain_init_of
+from quality import paired_observations, paired_statistics, retrain_init_of, run_key
 
 METRICS = ("test_accuracy", "test_macro_f1", "decided_mass")
 
@@ -27,6 +30,19 @@ def _runs(output_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise SystemExit(f"error: {path} does not exist; pass a quality.py --output-dir.")
     return json.loads(path.read_text())["runs"]
+
+
+def pooled_runs(output_dirs: Sequence[Path]) -> list[dict[str, Any]]:
+    """The runs of several outputs of one variant; a run in two of them is refused (it would be paired twice)."""
+    runs: dict[tuple, dict[str, Any]] = {}
+    for output_dir in output_dirs:
+        for run in _runs(output_dir):
+            if run_key(run) in runs:
+                raise SystemExit(
+                    f"error: the run {run_key(run)} is in {output_dir} and in an earlier variant directory."
+                )
+            runs[run_key(run)] = run
+    return list(runs.values())
 
 
 def _inits(runs: list[dict[str, Any]], method: str) -> str:
@@ -78,15 +94,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("variant_dir", type=Path, help="quality.py --output-dir of the variant")
+    parser.add_argument("variant_dirs", type=Path, nargs="+", help="quality.py --output-dir(s) of the variant")
     parser.add_argument("reference_dir", type=Path, help="quality.py --output-dir holding the reference methods")
     parser.add_argument("--method", default="s3pet-m", help="the variant's method")
     parser.add_argument("--references", nargs="+", default=["s3pet-m", "random-m", "adalora", "eva"])
     parser.add_argument("--output", type=Path, help="write the rows as JSON here")
-    args = parser.parse_args()
-    variant, reference = _runs(args.variant_dir), _runs(args.reference_dir)
+    args = parser.parse_args(argv)
+    variant, reference = pooled_runs(args.variant_dirs), _runs(args.reference_dir)
     rows = [row for metric in METRICS for row in paired_rows(variant, reference, args.method, args.references, metric)]
     print(table(rows))
     if args.output:

@@ -149,6 +149,28 @@ def test_paired_across_pairs_a_variant_output_with_the_reference_grid():
     assert {r["scope"]: r["mean"] for r in rows}["a"] == pytest.approx((10.0 - 1.0) / 2)
 
 
+def test_paired_across_pools_a_variant_run_in_several_directories(tmp_path, capsys):
+    paired_across = load_benchmark("paired_across")
+
+    def write(name, runs):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "quality.json").write_text(json.dumps({"runs": runs}))
+
+    write("variant_a", [_run("s3pet-m", "a", 2e-4, seed, 0.80 + seed / 100) for seed in (0, 1)])
+    write("variant_b", [_run("s3pet-m", "b", 2e-4, seed, 0.60) for seed in (0, 1)])
+    write("reference", [_run("s3pet-m", dataset, 2e-4, seed, 0.70) for dataset in "ab" for seed in (0, 1)])
+    output = tmp_path / "paired.json"
+    argv = [str(tmp_path / name) for name in ("variant_a", "variant_b", "reference")]
+    paired_across.main([*argv, "--references", "s3pet-m", "--output", str(output)])
+    rows = {(r["metric"], r["scope"]): r for r in json.loads(output.read_text())}
+    assert rows[("test_accuracy", "a")]["n"] == rows[("test_accuracy", "b")]["n"] == 2
+    assert rows[("test_accuracy", "pooled")]["n"] == 4
+    assert rows[("test_accuracy", "pooled")]["mean"] == pytest.approx((10.0 + 11.0 - 10.0 - 10.0) / 4)
+    assert "| test_accuracy | 0.0002 | s3pet-m |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="'s3pet-m', 'a', 0.0002, 0\\) is in .*variant_a and in an earlier"):
+        paired_across.main([str(tmp_path / "variant_a"), str(tmp_path / "variant_a"), str(tmp_path / "reference")])
+
+
 # ----------------------------------------------------------------------------------------------- the data
 
 
