@@ -400,8 +400,9 @@ def _shared_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 def merge_results(directories: list[Path], output_dir: Path, command: str) -> dict[str, Any]:
     """The runs of `directories` as one results file in `output_dir`. Refused when their settings differ beyond
-    `MERGEABLE_SETTINGS`, when one run is in two of them (except a base perplexity, which depends on the seed only),
-    or when `output_dir` holds runs that are not an earlier merge (which a new merge replaces)."""
+    `MERGEABLE_SETTINGS`, when one run is in two of them with different perplexities (a run is deterministic per seed:
+    repeated, e.g. a base perplexity, it is kept once), or when `output_dir` holds runs that are not an earlier merge
+    (which a new merge replaces)."""
     sources = [(directory, _read_results(directory)) for directory in directories]
     target = output_dir / RESULTS_FILE
     if target.exists() and "merged_from" not in json.loads(target.read_text()):
@@ -418,11 +419,13 @@ def merge_results(directories: list[Path], output_dir: Path, command: str) -> di
             )
         for run in data["runs"]:
             key = (run["method"], run["budget"], run["seed"])
-            same_base = run["method"] == "base" and key in runs
-            if same_base and math.isclose(run["test_perplexity"], runs[key]["test_perplexity"], rel_tol=1e-6):
+            if key in runs and math.isclose(run["test_perplexity"], runs[key]["test_perplexity"], rel_tol=1e-6):
                 continue
             if key in runs:
-                raise SystemExit(f"error: --merge: (method, budget, seed) {key} is in {directory} and an earlier one.")
+                raise SystemExit(
+                    f"error: --merge: (method, budget, seed) {key} is in {directory} and an earlier one, with another "
+                    "perplexity."
+                )
             runs[key] = run
     merged = list(runs.values())
     methods = [method for method in METHODS if any(run["method"] == method for run in merged)]

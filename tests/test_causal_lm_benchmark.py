@@ -191,8 +191,18 @@ def test_merge_pools_searches_retrained_with_inherit_and_random_structures_retra
                 str(tmp_path / "other_length"),
             ]
         )
-    shutil.copytree(tmp_path / "random", tmp_path / "random_again")
-    with pytest.raises(SystemExit, match=r"\('random-m', 5e-05, 0\) is in .*random_again and an earlier one"):
+    shutil.copytree(tmp_path / "random", tmp_path / "random_again")  # the same runs again: kept once
+    causal_lm.main(
+        ["--output-dir", str(tmp_path / "m5"), "--merge", str(tmp_path / "random"), str(tmp_path / "random_again")]
+    )
+    assert len(json.loads((tmp_path / "m5" / causal_lm.RESULTS_FILE).read_text())["runs"]) == len(randoms)
+    capsys.readouterr()
+    again = json.loads((tmp_path / "random_again" / causal_lm.RESULTS_FILE).read_text())
+    again["runs"][-1]["test_perplexity"] += 1.0
+    (tmp_path / "random_again" / causal_lm.RESULTS_FILE).write_text(json.dumps(again))
+    with pytest.raises(
+        SystemExit, match=r"\('random-m', 5e-05, 2\) is in .*random_again and an earlier one, with another perplexity"
+    ):
         causal_lm.main(
             ["--output-dir", str(tmp_path / "m3"), "--merge", str(tmp_path / "random"), str(tmp_path / "random_again")]
         )
