@@ -55,7 +55,7 @@ from baselines import (
     search_space_report,
 )
 from datasets import Dataset
-from quality import mean_std, paired_statistics, retrain_init_of
+from quality import mean_std, paired_statistics, retrain_inits
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, default_data_collator
 
 import peft_s3
@@ -300,13 +300,8 @@ def perplexity_verdict(stats: dict[str, Any]) -> str:
     return "search better" if stats["ci_high"] < 0 else "search worse" if stats["ci_low"] > 0 else "tie"
 
 
-def retrain_inits(method: str, runs: list[dict[str, Any]]) -> str:
-    """The retraining inits of `method`'s runs ("" for a method that retrains no structure)."""
-    return "/".join(sorted({retrain_init_of(run) for run in runs if run["method"] == method} - {None}))
-
-
 def labelled(method: str, runs: list[dict[str, Any]]) -> str:
-    inits = retrain_inits(method, runs)
+    inits = retrain_inits(runs, method)
     return f"{method} ({inits})" if inits else method
 
 
@@ -429,7 +424,7 @@ def merge_results(directories: list[Path], output_dir: Path, command: str) -> di
             runs[key] = run
     merged = list(runs.values())
     methods = [method for method in METHODS if any(run["method"] == method for run in merged)]
-    inits = {method: retrain_inits(method, merged) for method in methods if retrain_inits(method, merged)}
+    inits = {method: init for method in methods if (init := retrain_inits(merged, method))}
     settings = first | {"methods": methods, "seeds": sorted({run["seed"] for run in merged}), "retrain_init": inits}
     data = {
         "runs": merged,

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from quality import paired_observations, paired_statistics, retrain_init_of, run_key
+from quality import paired_observations, paired_statistics, retrain_inits, run_key
 
 METRICS = ("test_accuracy", "test_macro_f1", "decided_mass")
 
@@ -47,7 +47,7 @@ def pooled_runs(output_dirs: Sequence[Path]) -> list[dict[str, Any]]:
 
 def _inits(runs: list[dict[str, Any]], method: str) -> str:
     """The retraining inits of `method`'s runs, "-" for a method that retrains no structure."""
-    return "/".join(sorted({retrain_init_of(run) or "-" for run in runs if run["method"] == method})) or "-"
+    return retrain_inits(runs, method) or "-"
 
 
 def paired_rows(

@@ -609,6 +609,11 @@ def retrain_init_of(run: dict[str, Any]) -> Optional[str]:
     return run.get("retrain_init", "fresh") if run["method"] in STRUCTURE_METHODS else None
 
 
+def retrain_inits(runs: Iterable[dict[str, Any]], method: str) -> str:
+    """The retraining inits of `method`'s runs joined by "/" ("" for a method that retrains no structure)."""
+    return "/".join(sorted({retrain_init_of(run) for run in runs if run["method"] == method} - {None}))
+
+
 # ----------------------------------------------------------------------------------------------- statistics
 
 
