@@ -37,9 +37,8 @@ def test_search_and_retrain_script_writes_structure_plots_and_results(tiny_model
     assert "S3 searched structure" in (output / "retrained" / "README.md").read_text()
 
 
-def test_search_sft_script_searches_and_retrains_a_plain_lora(tmp_path: Path) -> None:
-    """examples/search_sft.py on a tiny Llama with a word-level tokenizer, saved to disk instead of SmolLM2."""
-    pytest.importorskip("trl")
+def tiny_llama_dir(tmp_path: Path) -> Path:
+    """A tiny Llama with a word-level tokenizer, saved to disk instead of SmolLM2."""
     import tokenizers
     from conftest import TINY_MODELS
     from transformers import PreTrainedTokenizerFast
@@ -53,16 +52,32 @@ def test_search_sft_script_searches_and_retrains_a_plain_lora(tmp_path: Path) ->
     backend.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     special = {"pad_token": "[PAD]", "bos_token": "[BOS]", "eos_token": "[EOS]", "unk_token": "[UNK]"}
     PreTrainedTokenizerFast(tokenizer_object=backend, **special).save_pretrained(model_dir)
+    return model_dir
+
+
+def run_search_sft(tmp_path: Path, *arguments: str) -> tuple[dict, dict]:
+    """examples/search_sft.py on a tiny Llama; its results.json and the retrained adapter's config."""
+    pytest.importorskip("trl")
     output = tmp_path / "out"
     run_example(
         "search_sft.py",
-        *("--model", str(model_dir), "--budget", "300", "--steps", "2", "--max-length", "24"),
-        *("--train-articles", "16", "--eval-articles", "8", "--output-dir", str(output)),
+        *("--model", str(tiny_llama_dir(tmp_path)), "--budget", "300", "--steps", "2", "--max-length", "24"),
+        *("--train-articles", "16", "--eval-articles", "8", "--output-dir", str(output), *arguments),
     )
     results = json.loads((output / "results.json").read_text())
     assert 0 < results["structure_params"] <= results["budget"] == 300
+    assert results["held_out_completion_perplexity_retrained"] > 1.0
+    return results, json.loads((output / "retrained" / "adapter_config.json").read_text())
+
+
+def test_search_sft_script_searches_and_retrains_a_plain_lora(tmp_path: Path) -> None:
+    results, config = run_search_sft(tmp_path)
     # The LoRA-space structure retrains as a plain peft LoraConfig with exactly its parameter count.
     assert results["retrained_trainable_params"] == results["structure_params"]
-    assert results["held_out_completion_perplexity_retrained"] > 1.0
-    config = json.loads((output / "retrained" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA"
+
+
+def test_search_sft_script_retrains_a_mix_structure_from_the_search_weights(tmp_path: Path) -> None:
+    results, config = run_search_sft(tmp_path, "--space", "mix")
+    assert results["retrained_trainable_params"] == results["structure_params"]
+    assert config["peft_type"] == "S3" and config["retrain_init"] == "inherit"
