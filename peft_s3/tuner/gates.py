@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..selection import select
+from ..selection import exact_selection, select
 
 # Newton iterations of the shift solver are capped here; from a warm start it needs 1-3, from a cold one rarely 6,
 # and every step outside the bracket bisects it, so this bound is never the one that stops it in practice.
@@ -235,17 +235,25 @@ class GateBank:
         # A candidate larger than the whole budget can never be taken, so it never counts as decided: counted, one
         # such candidate at p >= 0.5 would look like an overflow and hold the expected size for good.
         decided = (p >= 0.5).cpu() & (sizes <= self.budget)
-        if not overflow and float(sizes[decided].sum()) > self.budget:
+        overflowing = float(sizes[decided].sum()) > self.budget
+        if overflowing and not overflow:
             return 0
-        chosen = select(
-            probabilities,
-            self.alpha.detach().float().cpu().tolist(),
-            [int(size) for size in sizes.tolist()],
-            self.budget,
-            method,
-        )
+        alpha = self.alpha.detach().float().cpu().tolist()
+        integer_sizes = [int(size) for size in sizes.tolist()]
         kept = torch.zeros(len(probabilities), dtype=torch.bool)
-        kept[[index for index in chosen if probabilities[index] >= 0.5]] = True
+        if overflowing:
+            # In the stalemate of an overflow the shifted sigmoid holds the candidate that is short at
+            # p = 1 - overflow / size, so p there ranks the decided candidates by size, not by value: keep the
+            # subset that fits and holds the most expected size.
+            indices = decided.nonzero().flatten().tolist()
+            held = [probabilities[i] * integer_sizes[i] / self.budget for i in indices]
+            subset = exact_selection(
+                held, [alpha[i] for i in indices], [integer_sizes[i] for i in indices], self.budget
+            )
+            kept[[indices[position] for position in subset]] = True
+        else:
+            chosen = select(probabilities, alpha, integer_sizes, self.budget, method)
+            kept[[index for index in chosen if probabilities[index] >= 0.5]] = True
         room = self.budget - float(sizes[kept].sum())
         unfittable = ~kept & (sizes > room)
         if not unfittable.any() or float(sizes[~unfittable].sum()) <= self.expected_size:
