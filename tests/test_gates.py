@@ -168,7 +168,7 @@ def test_close_unfittable_waits_while_the_decided_candidates_overflow_unless_ask
     torch.testing.assert_close(bank.alpha.detach(), alpha, atol=0, rtol=0)
 
 
-def test_close_unfittable_closes_the_decided_candidates_resolve_would_drop() -> None:
+def test_close_unfittable_closes_the_overflowing_candidates_that_hold_the_least() -> None:
     sizes, budget = OVERFLOW_SIZES, OVERFLOW_BUDGET
     bank = _bank(OVERFLOW_ALPHA, sizes, budget)
     before = bank.probabilities().detach()
@@ -187,6 +187,19 @@ def test_close_unfittable_closes_the_decided_candidates_resolve_would_drop() -> 
     assert float(after @ bank.sizes) == pytest.approx(budget, rel=1e-5)
     assert mass(after) > 0.9
     assert bank.close_unfittable(overflow=True) == 0
+
+
+def test_close_unfittable_keeps_the_larger_side_of_an_overflow_stalemate() -> None:
+    """At 5e-5 of MiniLM: a 768 LoRA slice and a 384 BitFit overflow the budget of 1,135 by 17, so the shifted
+    sigmoid holds one of them short of 1. Closing by the sum of p would keep the BitFit (p 1.00 against 0.97) and close
+    the slice; the slice holds more of the expected size, and nothing else fits beside it, so nothing is closed."""
+    sizes, budget = [768, 384, 384, 384, 768, 1920], 1135
+    bank = _bank([1.2, 1.5, -1.0, -1.2, -1.4, -1.6], sizes, budget)
+    before = bank.probabilities().detach()
+    assert before[1] > 0.99 and 0.9 < before[0] < 0.99 and before[2:].max() < 0.01
+    alpha = bank.alpha.detach().clone()
+    assert bank.close_unfittable(overflow=True) == 0
+    torch.testing.assert_close(bank.alpha.detach(), alpha, atol=0, rtol=0)
 
 
 def test_close_unfittable_never_closes_what_resolve_would_pick() -> None:

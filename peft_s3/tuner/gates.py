@@ -225,9 +225,13 @@ class GateBank:
         `benchmarks/results/cost_default/`), and nothing was closed because it looked like an overflow.
 
         When the candidates at p >= 0.5 that fit the budget together exceed it (e.g. three at p 0.97-1 whose sizes
-        add up to a little more than it), the shifted sigmoid can never open them all, and `resolve` keeps some of
-        them. With `overflow`, those it drops are closed like any other candidate that does not fit; without it,
-        nothing is closed while they overflow.
+        add up to a little more than it), the shifted sigmoid can never open them all: it holds the one that is short
+        at p = 1 - overflow / size, so there p ranks them by size, not by value, and `resolve`'s sum of p would keep
+        the smaller ones. With `overflow`, the subset of them that fits and holds the most expected size (sum of p x
+        size) is kept, and the rest are closed like any other candidate that does not fit beside it; without it,
+        nothing is closed while they overflow. (At 5e-5 of MiniLM, a 768 LoRA slice at p 0.97 and a 384 BitFit at
+        1.00 overflowing a budget of 1,135: the slice is kept, and since nothing else fits beside it nothing is
+        closed; closing by the sum of p closed the slice instead, and lost 3-8 points on four of twelve searches.)
         """
         p = self.probabilities()
         sizes = self._solver_sizes
