@@ -161,10 +161,10 @@ class SearchOptions:
         },
     )
     close_overflow: bool = field(
-        default=False,
+        default=True,
         metadata={
-            "help": "With close_unfittable: when the decided candidates together exceed the budget, also close "
-            "those resolve would drop."
+            "help": "With close_unfittable: when the decided candidates together exceed the budget, keep the subset "
+            "of them that fits and holds the most expected size, and close the others."
         },
     )
 

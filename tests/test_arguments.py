@@ -33,7 +33,7 @@ CHANGED = {
     "select_on_validation": True,
     "stop_when_stable": 5,
     "close_unfittable": False,
-    "close_overflow": True,
+    "close_overflow": False,
 }
 EXPECTED = {**CHANGED, "annealing": peft_s3.SearchAnnealing(**CHANGED["annealing"])}
 

@@ -296,7 +296,7 @@ RESUME_OPTIONS = {
         "save_steps": 5,
     },
     "select_on_validation": {"select_on_validation": True, "eval_strategy": "steps", "eval_steps": 3},
-    "close_overflow": {"close_overflow": True, "selection_method": "greedy"},
+    "no_close_overflow": {"close_overflow": False, "selection_method": "greedy"},
 }
 _ARGUMENT_NAMES = {"gradient_accumulation_steps", "logging_steps", "eval_strategy", "eval_steps", "save_steps"}
 
